@@ -17,10 +17,14 @@ message names the file and the problem.
 
 from __future__ import annotations
 
+import gzip
 import os
-import time
+import re
+import struct
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
@@ -46,6 +50,9 @@ class ImageError(ValueError):
         self.path = str(path) if path is not None else "<in-memory image>"
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):  # picklable across worker processes despite the two-argument __init__
+        return (type(self), (self.path, self.problem))
 
 
 class UnreadableImageError(ImageError):
@@ -165,6 +172,7 @@ class Image:
 # --------------------------------------------------------------------------------------------- read
 
 _DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -198,7 +206,9 @@ def _check_header(path: Path, size: tuple[int, ...], ncomp: int, require_3d: boo
         raise DimensionError(path, f"has {ncomp} components per voxel (colour or vector image); "
                                    "a scalar volume is needed")
     if len(eff) > 3:
-        raise DimensionError(path, f"is {dims}-D with size {tuple(size)}; a 3-D volume is needed")
+        n_vol = int(np.prod(eff[3:], dtype=np.int64))
+        raise DimensionError(path, f"is {dims}-D with size {tuple(size)} ({n_vol} volumes); "
+                                   "a single 3-D volume is needed")
     if require_3d and (len(eff) < 3 or eff[2] == 1):
         raise DimensionError(path, f"is 2-D (size {tuple(size)}); a 3-D volume is needed")
     n = int(np.prod(size, dtype=np.int64))
@@ -208,9 +218,211 @@ def _check_header(path: Path, size: tuple[int, ...], ncomp: int, require_3d: boo
         raise TooLargeError(path, f"has {n} voxels (size {tuple(size)}), more than the limit of {max_voxels}")
 
 
+# ------------------------------------------------------------------- is all the voxel data there?
+# SimpleITK 2.5 zero-fills a NIfTI (.nii or .nii.gz) whose voxel data ends early instead of failing,
+# so a file cut in half would read as a plausible half-black volume, and it reads a NIfTI that
+# declares a zero size as size 1. So the header is parsed here too: a zero size is reported as such,
+# and before the voxels are read the bytes the header declares are compared with the bytes the file
+# holds (for gzip by decompressing the stream, which also checks its CRC). NRRD and MetaImage get
+# the same check so that every truncated file is reported in the same words.
+
+_NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip"}
+_META_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
+                    "MET_UINT": 4, "MET_LONG": 4, "MET_ULONG": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8,
+                    "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What a file's header says about its voxel data.
+
+    ``encoding`` is "raw" (``nbytes`` bytes from ``offset``), "gzip" (a gzip stream from ``offset``
+    that inflates to ``nbytes``) or "gzip-file" (the whole file is gzip; ``offset + nbytes`` bytes once
+    inflated). ``nbytes`` is None where the size cannot be checked.
+    """
+
+    sizes: tuple[int, ...]
+    offset: int
+    encoding: str
+    nbytes: int | None
+
+
+def _nrrd_type_bytes(name: str) -> int | None:
+    """Bytes per value of an NRRD ``type:`` (it has many spellings: "short", "int16_t", "unsigned char")."""
+    t = name.strip().lower().replace("_t", "")
+    words = set(t.split())
+    if t in ("float", "double"):
+        return 4 if t == "float" else 8
+    if "char" in words or t in ("int8", "uint8", "uchar"):
+        return 1
+    if "short" in words or t in ("int16", "uint16", "ushort"):
+        return 2
+    if "long" in words or t in ("int64", "uint64", "longlong", "ulonglong"):
+        return 8
+    if "int" in words or t in ("int32", "uint32", "uint"):
+        return 4
+    return None
+
+
+def _nifti_layout(head: bytes, path: Path, gz: bool) -> _Layout | None:
+    """Layout of a one-file NIfTI-1/2 whose first bytes are ``head``; None if it is not one."""
+    for e in "<>":  # the header's own size field tells its byte order
+        hdr_size = struct.unpack(e + "i", head[:4])[0] if len(head) >= 4 else 0
+        if hdr_size not in (348, 540):
+            continue
+        if len(head) < hdr_size:
+            raise UnreadableImageError(path, f"is truncated: it ends inside its {hdr_size}-byte NIfTI header")
+        if hdr_size == 348 and head[344:348] == b"n+1\0":
+            dims = struct.unpack(e + "8h", head[40:56])
+            bitpix = struct.unpack(e + "h", head[72:74])[0]
+            offset = struct.unpack(e + "f", head[108:112])[0]
+        elif hdr_size == 540 and head[4:8] == b"n+2\0":
+            dims = struct.unpack(e + "8q", head[16:80])
+            bitpix = struct.unpack(e + "h", head[14:16])[0]
+            offset = struct.unpack(e + "q", head[168:176])[0]
+        else:
+            return None  # Analyze or a .hdr/.img pair: the data is elsewhere
+        if not 1 <= dims[0] <= 7 or not np.isfinite(offset):
+            return None
+        sizes = tuple(int(d) for d in dims[1:dims[0] + 1])
+        n = int(np.prod([max(s, 0) for s in sizes], dtype=np.int64))
+        nbytes = n * bitpix // 8 if bitpix > 0 else None
+        return _Layout(sizes, int(offset), "gzip-file" if gz else "raw", nbytes)
+    return None
+
+
+def _header_lines(f: BinaryIO, limit: int):
+    """The text lines of a NRRD or MetaImage header (bounded, so a garbage file cannot run away)."""
+    for _ in range(limit):
+        line = f.readline(65536)
+        if not line:
+            return
+        yield line.decode("latin-1").rstrip("\r\n")
+
+
+def _nrrd_layout(f: BinaryIO) -> _Layout | None:
+    """Layout of a NRRD file (``f`` at its start)."""
+    fields: dict[str, str] = {}
+    for line in _header_lines(f, 4096):
+        if line == "":  # a blank line ends the header; the data follows it
+            break
+        if not line.startswith("#") and ": " in line:
+            key, _, value = line.partition(": ")
+            fields[key.strip().lower()] = value.strip()
+    else:
+        if f.read(1):
+            return None  # a header longer than we care to parse
+        # Otherwise the file ends inside the header: the data that should follow is missing.
+    if "sizes" not in fields:
+        return None
+    sizes = tuple(int(s) for s in fields["sizes"].split())
+    encoding = _NRRD_ENCODINGS.get(fields.get("encoding", "").lower())
+    per_value = _nrrd_type_bytes(fields.get("type", ""))
+    if encoding is None or per_value is None or any(k in fields for k in (
+            "data file", "datafile", "line skip", "byte skip")):
+        # Detached, skipped or text data: too many variants to check; the reader checks those.
+        return _Layout(sizes, f.tell(), "raw", None)
+    return _Layout(sizes, f.tell(), encoding, int(np.prod(sizes, dtype=np.int64)) * per_value)
+
+
+def _meta_layout(f: BinaryIO) -> _Layout | None:
+    """Layout of a MetaImage file (``f`` at its start)."""
+    fields: dict[str, str] = {}
+    for line in _header_lines(f, 256):
+        key, _, value = line.partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            break
+    if "DimSize" not in fields:
+        return None
+    sizes = tuple(int(s) for s in fields["DimSize"].split())
+    if fields.get("ElementDataFile") != "LOCAL":
+        return _Layout(sizes, f.tell(), "raw", None)
+    if fields.get("CompressedData", "").lower() == "true":
+        # zlib data: its compressed size is declared, the reader checks that the stream is whole.
+        size = fields.get("CompressedDataSize")
+        return _Layout(sizes, f.tell(), "raw", int(size) if size else None)
+    per_value = _META_TYPE_BYTES.get(fields.get("ElementType", ""))
+    if per_value is None:
+        return _Layout(sizes, f.tell(), "raw", None)
+    channels = int(fields.get("ElementNumberOfChannels", "1"))
+    return _Layout(sizes, f.tell(), "raw", int(np.prod(sizes, dtype=np.int64)) * per_value * channels)
+
+
+def _gunzip_length(f: BinaryIO, path: Path, stop: int | None = None) -> tuple[bytes, int]:
+    """First bytes (up to ``stop``, then it stops reading) or the full length of the gzip stream in ``f``.
+
+    Returns ``(data read, length)``; raises :class:`UnreadableImageError` if the stream is cut or corrupt.
+    """
+    head, n = b"", 0
+    try:
+        with gzip.GzipFile(fileobj=f, mode="rb") as g:
+            if stop is not None:
+                head = g.read(stop)
+                return head, len(head)
+            while chunk := g.read(1 << 20):
+                n += len(chunk)
+    except EOFError as e:
+        raise UnreadableImageError(path, f"is truncated: its gzip stream ends early ({e})") from e
+    except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UnreadableImageError(path, f"is corrupt: its gzip data cannot be decompressed ({e})") from e
+    return head, n
+
+
+def _file_layout(path: Path) -> _Layout | None:
+    """Parse the header of a NIfTI (.nii, .nii.gz), NRRD or MetaImage (.mha) file; None for others.
+
+    Raises :class:`UnreadableImageError` for a file cut inside its header and
+    :class:`EmptyImageError` for a header that declares a zero size.
+    """
+    with open(path, "rb") as f:
+        magic = f.read(8)
+        f.seek(0)
+        try:
+            if magic.startswith(_GZIP_MAGIC):
+                layout = _nifti_layout(_gunzip_length(f, path, stop=540)[0], path, gz=True)
+            elif magic.startswith(b"NRRD"):
+                layout = _nrrd_layout(f)
+            elif path.suffix.lower() == ".mha":
+                layout = _meta_layout(f)
+            else:
+                layout = _nifti_layout(f.read(540), path, gz=False)
+        except ImageError:
+            raise
+        except (struct.error, ValueError, OverflowError):
+            return None  # a header we cannot parse is the reader's to reject
+    if layout is not None and any(s == 0 for s in layout.sizes):
+        raise EmptyImageError(path, f"has no voxels (its header declares size {layout.sizes})")
+    return layout
+
+
+def _check_data_complete(path: Path, layout: _Layout | None) -> None:
+    """Raise :class:`UnreadableImageError` when ``path`` holds less voxel data than ``layout`` declares."""
+    if layout is None or layout.nbytes is None:
+        return
+    if layout.encoding == "raw":
+        have, need = path.stat().st_size - layout.offset, layout.nbytes
+    else:
+        with open(path, "rb") as f:
+            f.seek(0 if layout.encoding == "gzip-file" else layout.offset)
+            have = _gunzip_length(f, path)[1]
+        need = layout.nbytes + (layout.offset if layout.encoding == "gzip-file" else 0)
+    if have < need:
+        what = "once decompressed " if layout.encoding != "raw" else ""
+        raise UnreadableImageError(path, f"is truncated: its header declares {need} bytes of voxel data, the "
+                                         f"file {what}holds only {max(have, 0)}")
+
+
+# ------------------------------------------------------------------------------------- read_image
+
 def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: int | None = None,
                dtype=np.float32) -> Image:
     """Read a NIfTI/NRRD/MetaImage file, a DICOM file or a folder holding a DICOM series.
+
+    Checks run in this order, so that nothing large is read before it is known to be wanted: the file
+    exists and is not empty; the header is whole and declares a non-zero, scalar, 3-D size within
+    ``max_voxels``; the file holds all the voxel data its header declares; then the voxels are read
+    and validated (finite, not constant).
 
     Args:
         path: file or folder.
@@ -220,13 +432,22 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
 
     Returns:
         A validated :class:`Image` (finite, non-constant).
+
+    Raises:
+        UnreadableImageError: missing, empty, corrupt, truncated or unknown-format file or folder.
+        DimensionError: 2-D (when ``require_3d``), 4-D with several volumes, or multi-component.
+        TooLargeError: more voxels than ``max_voxels``.
+        EmptyImageError: no voxels, or every voxel the same.
+        NonFiniteError: NaN or infinite voxels.
     """
     from .settings import get_settings
 
     path = Path(path)
-    max_voxels = max_voxels or get_settings().max_voxels
+    if max_voxels is None:
+        max_voxels = get_settings().max_voxels
     if not path.exists():
         raise UnreadableImageError(path, "no such file or folder")
+    layout: _Layout | None = None
     try:
         if path.is_dir():
             files = _series_files(path)
@@ -243,16 +464,22 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
                 raise UnreadableImageError(path, "file is empty (0 bytes)")
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
-            if _is_dicom_file(path):
+            dicom_file = _is_dicom_file(path)
+            if dicom_file:
                 reader.SetImageIO("GDCMImageIO")
+            layout = _file_layout(path)
             reader.ReadImageInformation()
-            _check_header(path, tuple(reader.GetSize()), reader.GetNumberOfComponents(), require_3d, max_voxels)
+            _check_header(path, tuple(reader.GetSize()), reader.GetNumberOfComponents(), require_3d,
+                          max_voxels)
+            _check_data_complete(path, layout)
             img = reader.Execute()
+            if dicom_file:
+                img = _multiframe_spacing(reader, img)
     except ImageError:
         raise
     except RuntimeError as e:
-        raise UnreadableImageError(path, f"cannot be read as an image (corrupt, truncated or unknown "
-                                         f"format): {_first_line(e)}") from e
+        _check_data_complete(path, layout)  # a file cut short can fail in ITK: say "truncated" if it is
+        raise UnreadableImageError(path, _itk_problem(e)) from e
     except (OSError, EOFError) as e:
         raise UnreadableImageError(path, f"cannot be read: {e}") from e
 
@@ -270,11 +497,44 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
     return image
 
 
+def _multiframe_spacing(reader: sitk.ImageFileReader, img: sitk.Image) -> sitk.Image:
+    """Slice spacing for a multi-frame DICOM file that records no frame geometry.
+
+    GDCM then returns ITK's defaults (spacing 1, origin 0, identity direction) even where the file
+    states Spacing Between Slices (0018,0088), as pydicom-data's ``emri_small.dcm`` does: use that
+    value along k. A file with frame positions keeps what GDCM computed from them.
+    """
+    keys = set(reader.GetMetaDataKeys())
+    no_geometry = (img.GetSpacing()[2] == 1.0 and not any(img.GetOrigin())
+                   and np.array_equal(img.GetDirection(), np.eye(3).ravel()))
+    if img.GetDimension() != 3 or img.GetSize()[2] < 2 or not no_geometry or "0020|0032" in keys \
+            or "0018|0088" not in keys:
+        return img
+    try:
+        dz = float(reader.GetMetaData("0018|0088"))
+    except ValueError:
+        return img
+    if np.isfinite(dz) and dz > 0:
+        img.SetSpacing((*img.GetSpacing()[:2], dz))
+    return img
+
+
+def _itk_problem(e: BaseException) -> str:
+    """A message for an ITK read failure: plain words for the common case, ITK's own sentence otherwise."""
+    if "Unable to determine ImageIO reader" in str(e):
+        return "is not in an image format we can read (unknown format, or a corrupt or cut-off header)"
+    return f"cannot be read as an image (corrupt, truncated or unknown format): {_first_line(e)}"
+
+
 def _first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    # ITK messages put the useful sentence last, after file/line noise.
-    useful = [ln for ln in lines if not ln.startswith(("/", "sitk::ERROR"))] or lines
-    return (useful[-1] if useful else type(e).__name__)[:300]
+    # ITK messages put the useful sentence last, after file/line noise and an "ITK ERROR: Class(0x..):" tag.
+    # MetaImage adds "Reason: <errno text>" from a stale errno ("No such file" for a file that exists).
+    useful = [ln for ln in lines if not ln.startswith(("/", "Exception thrown in", "Reason:"))] or lines
+    text = useful[-1] if useful else type(e).__name__
+    text = re.sub(r"^(sitk::ERROR:|ITK ERROR: \w+\(0x[0-9a-fA-F]+\):)\s*", "", text)
+    return text[:300]
+
 
 
 def validate(image: Image, path: str | os.PathLike | None = None) -> Image:
@@ -291,7 +551,8 @@ def validate(image: Image, path: str | os.PathLike | None = None) -> Image:
             raise NonFiniteError(path, f"has {n_nan} NaN and {n_inf} infinite voxels")
     lo, hi = a.min(), a.max()
     if lo == hi:
-        raise EmptyImageError(path, f"is constant (every voxel is {lo.item()!r}); there is nothing to explain")
+        raise EmptyImageError(path, f"is constant (every voxel is {lo.item()!r}); "
+                                    "there is nothing to explain")
     return image
 
 
@@ -306,8 +567,10 @@ def write_image(image: Image, path: str | os.PathLike, *, dicom: bool | None = N
                 compress: bool = True, dicom_uid: str | None = None) -> Path:
     """Write ``image`` with its exact geometry.
 
-    ``path`` ending in ``.nii``, ``.nii.gz``, ``.nrrd``, ``.nhdr`` or ``.mha`` writes one file; a
-    folder (no suffix, or ``dicom=True``) receives a DICOM series, one file per k slice.
+    ``path`` ending in ``.nii``, ``.nii.gz``, ``.nrrd`` or ``.mha`` writes one file; ``.nhdr`` and
+    ``.mhd`` write a header and a data file beside it. A folder (no suffix, or ``dicom=True``) receives
+    a DICOM series, one file per k slice, int16 with rescale, so voxel values come back within half a
+    rescale step (exactly for int16 integers); it refuses NaN/Inf voxels and left-handed directions.
     ``dicom_uid`` makes the series' UIDs a function of that string (deterministic output).
     Returns the path written.
     """
@@ -317,55 +580,105 @@ def write_image(image: Image, path: str | os.PathLike, *, dicom: bool | None = N
     if dicom:
         return _write_dicom_series(image, path, dicom_uid)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{_suffix(path)}")
-    sitk.WriteImage(image.to_sitk(), str(tmp), useCompression=compress)
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    # A detached header names its data file, so it must be written under its final name.
+    detached = _suffix(path) in (".nhdr", ".mhd", ".hdr")
+    tmp = path if detached else path.with_name(f".{path.name}.{os.getpid()}.tmp{_suffix(path)}")
+    try:
+        sitk.WriteImage(image.to_sitk(), str(tmp), useCompression=compress)
+    except RuntimeError as e:
+        if tmp != path:
+            tmp.unlink(missing_ok=True)
+        raise ImageError(path, f"cannot be written: {_first_line(e)}") from e
+    if tmp != path:
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
     return path
 
 
+def _ds(value: float) -> str:
+    """``value`` as a DICOM decimal string: as many digits as its 16 characters allow."""
+    from pydicom.valuerep import format_number_as_ds
+
+    return format_number_as_ds(float(value))
+
+
+def _int16_rescale(a: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` that store ``a`` as int16: exactly when it holds int16 integers, else
+    spread over +/-32500 (the quantisation error is at most slope / 2)."""
+    lo, hi = float(a.min()), float(a.max())
+    if np.array_equal(a, np.round(a)) and -32768 <= lo and hi <= 32767:
+        return 1.0, 0.0  # label maps and CT numbers come back unchanged
+    if hi == lo:
+        return 1.0, float(_ds(lo))
+    # The stored values are computed from the numbers as written (DS strings), which readers apply.
+    return float(_ds((hi - lo) / 65000.0)), float(_ds((hi + lo) / 2.0))
+
+
 def _write_dicom_series(image: Image, folder: Path, uid: str | None = None) -> Path:
-    """Write a 3-D image as an MR DICOM series (int16 with rescale slope/intercept)."""
+    """Write a 3-D image as a classic MR Image Storage series: one file per k slice, int16 voxels
+    with Rescale Slope/Intercept.
+
+    pydicom writes the files because GDCM (SimpleITK's DICOM writer) turns an MR image with a
+    rescale into single-frame Enhanced MR files and then records a wrong slice spacing (1.0).
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import PYDICOM_ROOT_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
     if image.ndim != 3:
         raise DimensionError(folder, f"a DICOM series needs a 3-D image, got {image.ndim}-D")
-    folder.mkdir(parents=True, exist_ok=True)
-    a = image.array.astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
-    slope = (hi - lo) / 32000.0 if hi > lo else 1.0
-    intercept = lo
-    stored = np.round((a - intercept) / slope).astype(np.int16)
-    img = image.with_array(stored).to_sitk()
+    a = np.asarray(image.array, dtype=np.float64)
+    if a.size == 0:
+        raise EmptyImageError(folder, f"has no voxels (shape {a.shape}); nothing to write as DICOM")
+    if not np.isfinite(a).all():
+        raise NonFiniteError(folder, "holds NaN or infinite voxels, which a DICOM series cannot store")
+    if np.linalg.det(image.direction_matrix) < 0:
+        # DICOM implies the slice normal as row x column; readers sort slices along it, so a left-handed
+        # grid would come back with k reversed: refuse rather than write a different grid.
+        raise ImageError(folder, "has a left-handed direction matrix (det < 0), which a DICOM series "
+                                 "cannot keep; write NIfTI/NRRD, or reverse k first")
+    slope, intercept = _int16_rescale(a)
+    stored = np.clip(np.round((a - intercept) / slope), -32768, 32767).astype("<i2")
 
-    uid_root = "1.2.826.0.1.3680043.8.498"
-    stamp = uid or f"{int(time.time() * 1e6)}.{os.getpid()}"
-    study_uid, series_uid = f"{uid_root}.1.{stamp}", f"{uid_root}.2.{stamp}"
-    d = image.direction
-    orientation = "\\".join(f"{v:.10f}" for v in (d[0], d[3], d[6], d[1], d[4], d[7]))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        tags = {
-            "0008|0060": "MR",
-            "0008|0016": "1.2.840.10008.5.1.4.1.1.4",  # MR Image Storage
-            "0008|0018": f"{series_uid}.{k + 1}",
-            "0010|0010": "Anonymous",
-            "0010|0020": "XAI-SYNTH",
-            "0020|000d": study_uid,
-            "0020|000e": series_uid,
-            "0020|0011": "1",
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.10g}" for v in pos),
-            "0020|0037": orientation,
-            "0028|0030": f"{image.spacing[1]:.10g}\\{image.spacing[0]:.10g}",
-            "0018|0050": f"{image.spacing[2]:.10g}",
-            "0018|0088": f"{image.spacing[2]:.10g}",
-            "0028|1052": f"{intercept:.10g}",
-            "0028|1053": f"{slope:.10g}",
-            "0028|1054": "US",
-        }
-        for key, value in tags.items():
-            sl.SetMetaData(key, value)
-        writer.SetFileName(str(folder / f"slice_{k:04d}.dcm"))
-        writer.Execute(sl)
+    def _uid(*parts: str) -> str:
+        # With ``uid`` the UIDs are a hash of it (same input, same files); without, they are unique.
+        return generate_uid(PYDICOM_ROOT_UID, entropy_srcs=[uid, *parts] if uid is not None else None)
+
+    study_uid, series_uid, frame_uid = _uid("study"), _uid("series"), _uid("frame of reference")
+    d = image.direction_matrix
+    orientation = [_ds(v) for v in (*d[:, 0], *d[:, 1])]  # row (i) then column (j) direction cosines
+    lo, hi = float(a.min()), float(a.max())
+    folder.mkdir(parents=True, exist_ok=True)
+    depth = stored.shape[0]
+    for k in range(depth):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPInstanceUID = _uid("instance", str(k))
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.preamble = b"\0" * 128
+        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.ImageType = "MR", ["DERIVED", "SECONDARY"]
+        ds.PatientName, ds.PatientID = "Anonymous", "XAI-SYNTH"
+        ds.PatientBirthDate = ds.PatientSex = ds.StudyDate = ds.StudyTime = ds.StudyID = ""
+        ds.ReferringPhysicianName = ds.AccessionNumber = ds.PositionReferenceIndicator = ""
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
+        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "RM", "NONE", "3D"
+        ds.ImagePositionPatient = [_ds(v) for v in image.index_to_physical((0, 0, k))]
+        ds.ImageOrientationPatient = orientation
+        ds.PixelSpacing = [_ds(image.spacing[1]), _ds(image.spacing[0])]  # between rows, then columns
+        ds.SliceThickness = ds.SpacingBetweenSlices = _ds(image.spacing[2])
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.Rows, ds.Columns = stored.shape[1], stored.shape[2]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = _ds(intercept), _ds(slope), "US"
+        ds.WindowCenter, ds.WindowWidth = _ds((hi + lo) / 2.0), _ds(max(hi - lo, 1e-6))
+        ds.PixelData = stored[k].tobytes()
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        pydicom.dcmwrite(folder / f"slice_{k:04d}.dcm", ds, write_like_original=False)
+    # Slices left by an earlier, deeper write to this folder would join or outvote the new series.
+    for old in folder.glob("slice_*.dcm"):
+        if old.stem[6:].isdigit() and int(old.stem[6:]) >= depth:
+            old.unlink()
     return folder

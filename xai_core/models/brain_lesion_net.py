@@ -2,12 +2,13 @@
 
 Shapes (3-D, default channels ``(8, 16, 32, 64)``, input ``(B, 1, 64, 64, 64)``)::
 
-    stem    ResidualUnit            (B,  8, 64, 64, 64)
+    stem    Convolution             (B,  8, 64, 64, 64)
     down1   ResidualUnit stride 2   (B, 16, 32, 32, 32)
     down2   ResidualUnit stride 2   (B, 32, 16, 16, 16)
     encoder_out  ResidualUnit dil 2 (B, 64, 16, 16, 16)   <- last encoder stage, default CAM layer
     classifier   avg+max pool, linear  -> class logits (B, num_classes)
-    decoder (skip connections)      -> segmentation logits (B, seg_channels, 64, 64, 64)
+    dec2 (16^3) -> up -> dec1 (32^3) -> up -> 1x1 head with stem features
+                                    -> segmentation logits (B, seg_channels, 64, 64, 64)
 
 The last encoder stage keeps 1/4 resolution (dilated instead of strided) so that class activation
 maps have 16^3 cells on the model grid (12 mm at 3 mm spacing), fine enough for lesion masks.
@@ -29,28 +30,35 @@ class LesionOutput(NamedTuple):
 
 
 class BrainLesionNet(nn.Module):
+    default_cam_layer = "encoder_out"
+
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 4,
                  seg_channels: int = 2, channels: tuple[int, int, int, int] = (8, 16, 32, 64),
-                 norm: str = "BATCH", dropout: float = 0.1):
+                 norm: str = "BATCH", act: str | tuple = ("LEAKYRELU", {"negative_slope": 0.01}),
+                 dropout: float = 0.1):
         super().__init__()
         c0, c1, c2, c3 = channels
         sd = spatial_dims
         self.spatial_dims = spatial_dims
         self.num_classes = num_classes
-        self.stem = ResidualUnit(sd, in_channels, c0, strides=1, norm=norm)
-        self.down1 = ResidualUnit(sd, c0, c1, strides=2, norm=norm)
-        self.down2 = ResidualUnit(sd, c1, c2, strides=2, norm=norm)
-        self.encoder_out = ResidualUnit(sd, c2, c3, strides=1, norm=norm, dilation=2)
+        # Full resolution gets one convolution only: it dominates the cost of a 64^3 volume.
+        self.stem = Convolution(sd, in_channels, c0, norm=norm, act=act)
+        self.down1 = ResidualUnit(sd, c0, c1, strides=2, norm=norm, act=act)
+        self.down2 = ResidualUnit(sd, c1, c2, strides=2, norm=norm, act=act)
+        self.encoder_out = ResidualUnit(sd, c2, c3, strides=1, norm=norm, act=act, dilation=2,
+                                        subunits=1)
         pool = nn.AdaptiveAvgPool3d(1) if sd == 3 else nn.AdaptiveAvgPool2d(1)
         mpool = nn.AdaptiveMaxPool3d(1) if sd == 3 else nn.AdaptiveMaxPool2d(1)
         self.avg_pool, self.max_pool = pool, mpool
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * c3, num_classes))
-        self.dec2 = Convolution(sd, c3 + c2, c2, norm=norm)
-        self.up1 = UpSample(sd, c2, c1, scale_factor=2, mode="nontrainable")
-        self.dec1 = Convolution(sd, 2 * c1, c1, norm=norm)
-        self.up0 = UpSample(sd, c1, c0, scale_factor=2, mode="nontrainable")
-        self.dec0 = Convolution(sd, 2 * c0, c0, norm=norm)
-        self.seg_head = Convolution(sd, c0, seg_channels, kernel_size=1, conv_only=True)
+        self.dec2 = Convolution(sd, c3 + c2, c1, norm=norm, act=act)
+        self.up1 = UpSample(sd, scale_factor=2, mode="nontrainable", interp_mode="linear" if sd == 1 else
+                            ("trilinear" if sd == 3 else "bilinear"))
+        self.dec1 = Convolution(sd, 2 * c1, c0, norm=norm, act=act)
+        self.up0 = UpSample(sd, scale_factor=2, mode="nontrainable", interp_mode="trilinear" if sd == 3
+                            else "bilinear")
+        self.seg_head = nn.Sequential(Convolution(sd, 2 * c0, c0, kernel_size=1, norm=norm, act=act),
+                                      Convolution(sd, c0, seg_channels, kernel_size=1, conv_only=True))
 
     def forward(self, x: torch.Tensor) -> LesionOutput:
         e0 = self.stem(x)
@@ -61,8 +69,7 @@ class BrainLesionNet(nn.Module):
         logits = self.classifier(pooled)
         d2 = self.dec2(torch.cat([e3, e2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
-        d0 = self.dec0(torch.cat([self.up0(d1), e0], dim=1))
-        return LesionOutput(logits, self.seg_head(d0))
+        return LesionOutput(logits, self.seg_head(torch.cat([self.up0(d1), e0], dim=1)))
 
 
 class ClassLogits(nn.Module):
@@ -76,6 +83,9 @@ class ClassLogits(nn.Module):
         super().__init__()
         self.model = model
         self.index = index
+        inner = getattr(model, "default_cam_layer", None)
+        if inner:
+            self.default_cam_layer = f"model.{inner}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
