@@ -41,6 +41,54 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_explain(a: argparse.Namespace) -> int:
+    from .io import read_image
+    from .pipeline import explain, write_explanation
+
+    def progress(stage: str, frac: float) -> None:
+        print(f"\r[{int(frac * 100):3d}%] {stage:<10}", end="\n" if frac >= 1 else "", file=sys.stderr, flush=True)
+
+    image = read_image(a.image)
+    target = a.target
+    exp = explain(image, a.method, target=target, progress=progress)
+    files = write_explanation(exp, a.out)
+    if a.report:
+        from .report import write_report
+
+        files.update(write_report(exp, a.out))
+    p = exp.prediction
+    print(f"predicted {p.label} (p = {float(p.probabilities.max()):.3f}); mask "
+          f"{'empty: ' + str(exp.mask.reason) if exp.mask.empty else str(int(exp.mask.mask.sum())) + ' voxels'}")
+    for name, path in files.items():
+        print(f"  {name:<20} {path}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_methods, write_results
+
+    rows = evaluate_methods(a.methods, a.data, limit=a.limit, progress=_progress("studies"))
+    paths = write_results(rows, a.out)
+    print(paths["summary_md"].read_text())
+    for name, path in paths.items():
+        print(f"  {name:<12} {path}")
+    return 0
+
+
+def _cmd_model_eval(a: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import model_accuracy
+    from .models import load
+
+    model = load(a.model)
+    res = model_accuracy(a.data, model, limit=a.limit)
+    print(json.dumps({k: v for k, v in res.items() if k != "per_study"}, indent=2))
+    if a.out:
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xai", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,6 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     tr.set_defaults(func=_cmd_train)
+
+    me = sub.add_parser("model-eval", help="accuracy and segmentation Dice of a model on studies")
+    me.add_argument("model", help="model name, e.g. brain-lesion-3d")
+    me.add_argument("--data", required=True)
+    me.add_argument("--limit", type=int, default=None)
+    me.add_argument("--out", default=None, help="JSON file for the per-study results")
+    me.set_defaults(func=_cmd_model_eval)
+
+    from .explain import available_methods
+
+    ex = sub.add_parser("explain", help="explain the default model's decision on one image")
+    ex.add_argument("image", help="NIfTI/NRRD file, DICOM file or DICOM series folder")
+    ex.add_argument("--method", default="gradcam++", choices=available_methods())
+    ex.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--report", action="store_true", help="also write findings.json and report.md")
+    ex.set_defaults(func=_cmd_explain)
+
+    ev = sub.add_parser("evaluate", help="score methods against ground-truth masks")
+    ev.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "scorecam"], choices=available_methods())
+    ev.add_argument("--data", required=True, help="studies folder with manifest.csv")
+    ev.add_argument("--out", default="runs/evaluate")
+    ev.add_argument("--limit", type=int, default=None, help="at most this many lesion studies")
+    ev.set_defaults(func=_cmd_evaluate)
     return p
 
 

@@ -22,6 +22,7 @@ import os
 import re
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO
@@ -144,7 +145,11 @@ class Image:
         )
 
     def to_sitk(self) -> sitk.Image:
-        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        """A SimpleITK image with this geometry (bool becomes uint8 and float16 float32: ITK has neither)."""
+        a = self.array
+        if a.dtype == np.bool_ or a.dtype == np.float16:
+            a = a.astype(np.uint8 if a.dtype == np.bool_ else np.float32)
+        img = sitk.GetImageFromArray(np.ascontiguousarray(a))
         img.SetSpacing([float(s) for s in self.spacing])
         img.SetOrigin([float(o) for o in self.origin])
         img.SetDirection([float(d) for d in self.direction])
@@ -176,6 +181,7 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 
 def _is_dicom_file(path: Path) -> bool:
+    """True for a DICOM suffix or the "DICM" marker after the 128-byte preamble."""
     if path.suffix.lower() in _DICOM_SUFFIXES:
         return True
     try:
@@ -187,13 +193,45 @@ def _is_dicom_file(path: Path) -> bool:
 
 
 def _series_files(folder: Path) -> list[str]:
+    """Files of the largest DICOM series in ``folder``, in slice order.
+
+    GDCM leaves out files it cannot parse without a word, so a series with a truncated slice would
+    read as a shorter (or, with ITK's averaged spacing, a stretched) volume: any DICOM file in the
+    folder that belongs to no series is reported instead.
+    """
     ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not ids:
         raise UnreadableImageError(folder, "folder holds no readable DICOM series")
-    if len(ids) > 1:
-        # The largest series wins; say which so the caller can pass a folder with one series.
-        ids = sorted(ids, key=lambda s: -len(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s)))
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), ids[0]))
+    series = {s: list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), s)) for s in ids}
+    listed = {os.path.realpath(f) for files in series.values() for f in files}
+    unread = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name.upper() != "DICOMDIR"
+                    and os.path.realpath(p) not in listed and _is_dicom_file(p))
+    if unread:
+        shown = ", ".join(unread[:5]) + (", ..." if len(unread) > 5 else "")
+        raise UnreadableImageError(folder, f"holds {len(unread)} DICOM file(s) that cannot be read "
+                                           f"(truncated or corrupt): {shown}")
+    return max(series.values(), key=len)  # the largest series wins
+
+
+def _check_slice_positions(folder: Path, reader: sitk.ImageSeriesReader, img: sitk.Image) -> None:
+    """Raise unless the series' slices are evenly spaced along the slice normal.
+
+    ITK reads a series with a missing slice with a warning and the average spacing, which puts every
+    slice after the gap in the wrong place.
+    """
+    n = img.GetDepth()
+    if n < 2 or not all(reader.HasMetaDataKey(k, "0020|0032") for k in range(n)):
+        return
+    try:
+        pos = np.array([[float(v) for v in reader.GetMetaData(k, "0020|0032").split("\\")] for k in range(n)])
+    except ValueError:
+        return
+    normal = np.asarray(img.GetDirection(), dtype=float).reshape(3, 3)[:, 2]
+    gaps = np.diff(pos @ normal)
+    if gaps.min() <= 0 or gaps.max() - gaps.min() > max(1e-3, 0.01 * abs(gaps.mean())):
+        raise UnreadableImageError(folder, f"its {n} slices are not evenly spaced (gaps from "
+                                           f"{gaps.min():.4g} to {gaps.max():.4g} mm): a slice is missing, "
+                                           "or the series holds more than one volume")
 
 
 def _check_header(path: Path, size: tuple[int, ...], ncomp: int, require_3d: bool, max_voxels: int) -> None:
@@ -219,12 +257,13 @@ def _check_header(path: Path, size: tuple[int, ...], ncomp: int, require_3d: boo
 
 
 # ------------------------------------------------------------------- is all the voxel data there?
-# SimpleITK 2.5 zero-fills a NIfTI (.nii or .nii.gz) whose voxel data ends early instead of failing,
-# so a file cut in half would read as a plausible half-black volume, and it reads a NIfTI that
-# declares a zero size as size 1. So the header is parsed here too: a zero size is reported as such,
-# and before the voxels are read the bytes the header declares are compared with the bytes the file
-# holds (for gzip by decompressing the stream, which also checks its CRC). NRRD and MetaImage get
-# the same check so that every truncated file is reported in the same words.
+# SimpleITK 2.5's NIfTI reader (niftilib) hides three problems: it zero-fills voxel data that ends
+# early (a file cut in half reads as a plausible half-black volume), it replaces NaN and infinite
+# floats by 0, and it reads a header that declares a zero size as size 1. So the header is parsed
+# here too: a zero size is reported as such, and before ITK reads the voxels the bytes the header
+# declares are compared with the bytes the file holds (for gzip by decompressing the stream, which
+# also checks its CRC), NIfTI floats being counted for NaN/Inf in the same pass. NRRD and MetaImage
+# get the length check so that every truncated file is reported in the same words.
 
 _NRRD_ENCODINGS = {"raw": "raw", "gzip": "gzip", "gz": "gzip"}
 _META_TYPE_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4,
@@ -238,13 +277,15 @@ class _Layout:
 
     ``encoding`` is "raw" (``nbytes`` bytes from ``offset``), "gzip" (a gzip stream from ``offset``
     that inflates to ``nbytes``) or "gzip-file" (the whole file is gzip; ``offset + nbytes`` bytes once
-    inflated). ``nbytes`` is None where the size cannot be checked.
+    inflated). ``nbytes`` is None where the size cannot be checked. ``float_dtype`` (NIfTI float
+    data only) is the numpy dtype of the stored values, whose NaN/Inf the reader would hide.
     """
 
     sizes: tuple[int, ...]
     offset: int
     encoding: str
     nbytes: int | None
+    float_dtype: str | None = None
 
 
 def _nrrd_type_bytes(name: str) -> int | None:
@@ -274,11 +315,11 @@ def _nifti_layout(head: bytes, path: Path, gz: bool) -> _Layout | None:
             raise UnreadableImageError(path, f"is truncated: it ends inside its {hdr_size}-byte NIfTI header")
         if hdr_size == 348 and head[344:348] == b"n+1\0":
             dims = struct.unpack(e + "8h", head[40:56])
-            bitpix = struct.unpack(e + "h", head[72:74])[0]
+            datatype, bitpix = struct.unpack(e + "2h", head[70:74])
             offset = struct.unpack(e + "f", head[108:112])[0]
         elif hdr_size == 540 and head[4:8] == b"n+2\0":
             dims = struct.unpack(e + "8q", head[16:80])
-            bitpix = struct.unpack(e + "h", head[14:16])[0]
+            datatype, bitpix = struct.unpack(e + "2h", head[12:16])
             offset = struct.unpack(e + "q", head[168:176])[0]
         else:
             return None  # Analyze or a .hdr/.img pair: the data is elsewhere
@@ -287,7 +328,8 @@ def _nifti_layout(head: bytes, path: Path, gz: bool) -> _Layout | None:
         sizes = tuple(int(d) for d in dims[1:dims[0] + 1])
         n = int(np.prod([max(s, 0) for s in sizes], dtype=np.int64))
         nbytes = n * bitpix // 8 if bitpix > 0 else None
-        return _Layout(sizes, int(offset), "gzip-file" if gz else "raw", nbytes)
+        float_dtype = {16: e + "f4", 64: e + "f8"}.get(datatype)  # NIFTI_TYPE_FLOAT32 / FLOAT64
+        return _Layout(sizes, int(offset), "gzip-file" if gz else "raw", nbytes, float_dtype)
     return None
 
 
@@ -349,24 +391,17 @@ def _meta_layout(f: BinaryIO) -> _Layout | None:
     return _Layout(sizes, f.tell(), "raw", int(np.prod(sizes, dtype=np.int64)) * per_value * channels)
 
 
-def _gunzip_length(f: BinaryIO, path: Path, stop: int | None = None) -> tuple[bytes, int]:
-    """First bytes (up to ``stop``, then it stops reading) or the full length of the gzip stream in ``f``.
-
-    Returns ``(data read, length)``; raises :class:`UnreadableImageError` if the stream is cut or corrupt.
-    """
-    head, n = b"", 0
+def _gunzip_chunks(f: BinaryIO, path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed chunks of the gzip stream in ``f``; raises :class:`UnreadableImageError` if it is
+    cut short or corrupt (bad data or CRC)."""
     try:
         with gzip.GzipFile(fileobj=f, mode="rb") as g:
-            if stop is not None:
-                head = g.read(stop)
-                return head, len(head)
-            while chunk := g.read(1 << 20):
-                n += len(chunk)
+            while chunk := g.read(size):
+                yield chunk
     except EOFError as e:
         raise UnreadableImageError(path, f"is truncated: its gzip stream ends early ({e})") from e
     except (OSError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise UnreadableImageError(path, f"is corrupt: its gzip data cannot be decompressed ({e})") from e
-    return head, n
 
 
 def _file_layout(path: Path) -> _Layout | None:
@@ -380,7 +415,7 @@ def _file_layout(path: Path) -> _Layout | None:
         f.seek(0)
         try:
             if magic.startswith(_GZIP_MAGIC):
-                layout = _nifti_layout(_gunzip_length(f, path, stop=540)[0], path, gz=True)
+                layout = _nifti_layout(next(_gunzip_chunks(f, path, size=540), b""), path, gz=True)
             elif magic.startswith(b"NRRD"):
                 layout = _nrrd_layout(f)
             elif path.suffix.lower() == ".mha":
@@ -396,21 +431,48 @@ def _file_layout(path: Path) -> _Layout | None:
     return layout
 
 
-def _check_data_complete(path: Path, layout: _Layout | None) -> None:
-    """Raise :class:`UnreadableImageError` when ``path`` holds less voxel data than ``layout`` declares."""
+def _scan_voxel_data(path: Path, layout: _Layout) -> tuple[int, int, int]:
+    """``(bytes of voxel data present, NaN count, infinite count)``; the counts only for float NIfTI."""
+    dt = np.dtype(layout.float_dtype) if layout.float_dtype else None
+    need = layout.nbytes or 0
+    have = n_nan = n_inf = 0
+    skip = layout.offset if layout.encoding == "gzip-file" else 0  # header bytes inside the stream
+    carry = b""  # a value split across two chunks
+    with open(path, "rb") as f:
+        f.seek(0 if layout.encoding == "gzip-file" else layout.offset)
+        chunks = iter(lambda: f.read(1 << 20), b"") if layout.encoding == "raw" else _gunzip_chunks(f, path)
+        for chunk in chunks:
+            if skip:
+                cut = min(skip, len(chunk))
+                chunk, skip = chunk[cut:], skip - cut
+            start, have = have, have + len(chunk)
+            if dt is None or start >= need:
+                continue
+            buf = carry + chunk[: need - start]
+            whole = len(buf) - len(buf) % dt.itemsize
+            values, carry = np.frombuffer(buf, dtype=dt, count=whole // dt.itemsize), buf[whole:]
+            bad = ~np.isfinite(values)
+            if bad.any():
+                nan = int(np.isnan(values).sum())
+                n_nan, n_inf = n_nan + nan, n_inf + int(bad.sum()) - nan
+    return have, n_nan, n_inf
+
+
+def _check_data(path: Path, layout: _Layout | None) -> None:
+    """Raise :class:`UnreadableImageError` when ``path`` holds less voxel data than ``layout`` declares,
+    :class:`NonFiniteError` when a NIfTI stores NaN or infinite floats (which ITK would turn into 0)."""
     if layout is None or layout.nbytes is None:
         return
-    if layout.encoding == "raw":
-        have, need = path.stat().st_size - layout.offset, layout.nbytes
+    if layout.encoding == "raw" and layout.float_dtype is None:
+        have, n_nan, n_inf = path.stat().st_size - layout.offset, 0, 0  # no need to read the data
     else:
-        with open(path, "rb") as f:
-            f.seek(0 if layout.encoding == "gzip-file" else layout.offset)
-            have = _gunzip_length(f, path)[1]
-        need = layout.nbytes + (layout.offset if layout.encoding == "gzip-file" else 0)
-    if have < need:
+        have, n_nan, n_inf = _scan_voxel_data(path, layout)
+    if have < layout.nbytes:
         what = "once decompressed " if layout.encoding != "raw" else ""
-        raise UnreadableImageError(path, f"is truncated: its header declares {need} bytes of voxel data, the "
-                                         f"file {what}holds only {max(have, 0)}")
+        raise UnreadableImageError(path, f"is truncated: its header declares {layout.nbytes} bytes of voxel "
+                                         f"data, the file {what}holds only {max(have, 0)}")
+    if n_nan or n_inf:
+        raise NonFiniteError(path, f"has {n_nan} NaN and {n_inf} infinite voxels")
 
 
 # ------------------------------------------------------------------------------------- read_image
@@ -421,8 +483,9 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
 
     Checks run in this order, so that nothing large is read before it is known to be wanted: the file
     exists and is not empty; the header is whole and declares a non-zero, scalar, 3-D size within
-    ``max_voxels``; the file holds all the voxel data its header declares; then the voxels are read
-    and validated (finite, not constant).
+    ``max_voxels``; the file holds all the voxel data its header declares (and, for NIfTI, no NaN/Inf
+    that ITK would turn into 0); then the voxels are read and validated (finite, not constant); a
+    DICOM series must also have evenly spaced slices and no unreadable DICOM file beside it.
 
     Args:
         path: file or folder.
@@ -453,12 +516,14 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
             files = _series_files(path)
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
             probe = sitk.ImageFileReader()
             probe.SetFileName(files[0])
             probe.ReadImageInformation()
             size = tuple(probe.GetSize()[:2]) + (len(files),)
             _check_header(path, size, probe.GetNumberOfComponents(), require_3d, max_voxels)
             img = reader.Execute()
+            _check_slice_positions(path, reader, img)
         else:
             if path.stat().st_size == 0:
                 raise UnreadableImageError(path, "file is empty (0 bytes)")
@@ -471,14 +536,14 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
             reader.ReadImageInformation()
             _check_header(path, tuple(reader.GetSize()), reader.GetNumberOfComponents(), require_3d,
                           max_voxels)
-            _check_data_complete(path, layout)
+            _check_data(path, layout)
             img = reader.Execute()
             if dicom_file:
                 img = _multiframe_spacing(reader, img)
     except ImageError:
         raise
     except RuntimeError as e:
-        _check_data_complete(path, layout)  # a file cut short can fail in ITK: say "truncated" if it is
+        _check_data(path, layout)  # a file cut short can fail in ITK: say "truncated" if it is
         raise UnreadableImageError(path, _itk_problem(e)) from e
     except (OSError, EOFError) as e:
         raise UnreadableImageError(path, f"cannot be read: {e}") from e
@@ -504,11 +569,12 @@ def _multiframe_spacing(reader: sitk.ImageFileReader, img: sitk.Image) -> sitk.I
     states Spacing Between Slices (0018,0088), as pydicom-data's ``emri_small.dcm`` does: use that
     value along k. A file with frame positions keeps what GDCM computed from them.
     """
+    if img.GetDimension() != 3 or img.GetSize()[2] < 2:
+        return img
     keys = set(reader.GetMetaDataKeys())
     no_geometry = (img.GetSpacing()[2] == 1.0 and not any(img.GetOrigin())
-                   and np.array_equal(img.GetDirection(), np.eye(3).ravel()))
-    if img.GetDimension() != 3 or img.GetSize()[2] < 2 or not no_geometry or "0020|0032" in keys \
-            or "0018|0088" not in keys:
+                   and np.array_equal(img.GetDirection(), np.eye(3).ravel()) and "0020|0032" not in keys)
+    if not no_geometry or "0018|0088" not in keys:
         return img
     try:
         dz = float(reader.GetMetaData("0018|0088"))
@@ -527,6 +593,7 @@ def _itk_problem(e: BaseException) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The sentence of an ITK exception that says what went wrong, without source paths and tags."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     # ITK messages put the useful sentence last, after file/line noise and an "ITK ERROR: Class(0x..):" tag.
     # MetaImage adds "Reason: <errno text>" from a stale errno ("No such file" for a file that exists).

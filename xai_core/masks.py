@@ -108,8 +108,11 @@ class SaliencyMask:
 
 
 def _prepare(saliency: np.ndarray, foreground: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """(float64 map, bool foreground of finite voxels)."""
-    s = np.asarray(saliency, dtype=np.float64)
+    """(floating map, bool foreground of finite voxels). Float maps keep their dtype: no copy of a
+    large float32 volume."""
+    s = np.asarray(saliency)
+    if not np.issubdtype(s.dtype, np.floating):
+        s = s.astype(np.float64)
     if foreground is None:
         fg = np.ones(s.shape, dtype=bool)
     else:
@@ -234,7 +237,7 @@ def connected_components(mask: np.ndarray, *, min_size: int = 1, connectivity: i
     boxes = ndimage.find_objects(new_labels)
     voxel_volume = float(np.prod(spacing)) if spacing is not None else None
     if saliency is not None:
-        s = np.asarray(saliency, dtype=np.float64)
+        s = np.asarray(saliency)
         peaks = ndimage.maximum(s, new_labels, index)
         peak_pos = ndimage.maximum_position(s, new_labels, index)
     comps = []

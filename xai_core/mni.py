@@ -6,9 +6,9 @@ LPS physical space (see :mod:`xai_core.io` for conventions).
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
-import importlib.util
 from pathlib import Path
 
 import numpy as np

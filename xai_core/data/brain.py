@@ -209,8 +209,8 @@ def _mr_variation(arr: np.ndarray, rng, wm: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- one study
 
-def make_study(seed: int, index: int) -> tuple[Image, Image, dict]:
-    """Build study ``index`` of the set drawn with ``seed``.
+def make_study(seed: int, index: int, label: str | None = None) -> tuple[Image, Image, dict]:
+    """Build study ``index`` of the set drawn with ``seed`` (``label`` forces the lesion class).
 
     Returns:
         image: float32 MR-like volume on the study's own grid.
@@ -221,7 +221,10 @@ def make_study(seed: int, index: int) -> tuple[Image, Image, dict]:
     template, atlas = load_template(), load_harvard_oxford()
     t, brain, depth, wm = _template_context()
 
-    label = CLASSES[int(rng.integers(0, len(CLASSES)))]
+    drawn = CLASSES[int(rng.integers(0, len(CLASSES)))]
+    label = label or drawn
+    if label not in CLASSES:
+        raise ValueError(f"unknown lesion class {label!r}; one of {CLASSES}")
     lesion_mask = np.zeros(t.shape, bool)
     out = t.copy()
     n_lesions = 0

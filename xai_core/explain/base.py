@@ -30,12 +30,14 @@ should call :meth:`Explainer.attribute_with_info` and read the flags from its re
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -146,11 +148,10 @@ def resolve_targets(target: Target, logits: torch.Tensor) -> torch.Tensor:
         idx = torch.arange(n, device=dev).expand(b, n)
     elif isinstance(target, bool):
         raise TypeError("target must be a class index, not a bool")
-    elif isinstance(target, int) or (isinstance(target, torch.Tensor) and target.ndim == 0) or (
-            hasattr(target, "__index__") and not isinstance(target, Sequence | torch.Tensor)):
+    elif isinstance(target, numbers.Integral) or (isinstance(target, torch.Tensor) and target.ndim == 0):
         idx = torch.full((b, 1), int(target), dtype=torch.long, device=dev)
     else:
-        t = torch.as_tensor(target if isinstance(target, torch.Tensor) else list(target)).to(dev)
+        t = torch.as_tensor(target if isinstance(target, torch.Tensor) else np.asarray(target)).to(dev)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"target indices must be integers, got dtype {t.dtype}")
         t = t.long()

@@ -1,0 +1,254 @@
+"""``explain(image, method)``: the one explanation pipeline that every front end calls.
+
+image (input grid) -> model grid -> prediction -> saliency on the model grid (explainer)
+-> saliency on the input grid (same geometry) -> mask, components and levels.
+
+The CLI writes the result to files (:func:`write_explanation`), the MONAI Label app returns its
+parts over HTTP, and the tests inspect it; none of them holds explanation logic of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .explain import available_methods, get_explainer
+from .io import Image, write_image
+from .masks import SaliencyMask, saliency_mask
+from .models import LesionModel, Prediction
+from .models import load as load_model
+from .models.grid import normalise_intensity
+
+__all__ = ["Explanation", "explain", "brain_foreground", "write_explanation", "software_versions"]
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class Explanation:
+    """Everything one explanation produced, on the input image's grid.
+
+    Attributes:
+        image: the input image.
+        method: registry name of the explainer.
+        targets: explained class names; ``saliency[0]`` belongs to ``targets[0]`` (the primary).
+        prediction: model prediction (calibrated probabilities, segmentation head).
+        saliency: float32 maps 0..1 (1 = most important), one per target, input geometry.
+        mask: the primary map's adaptive mask and levels (:class:`~xai_core.masks.SaliencyMask`).
+        foreground: bool brain mask the percentages of the mask and levels refer to.
+        params: method parameters (layer, targets, ...), for provenance.
+        timings: seconds per stage.
+        flat: per target, True when the raw map was flat (no ranking possible).
+    """
+
+    image: Image
+    method: str
+    targets: list[str]
+    prediction: Prediction
+    saliency: list[Image]
+    mask: SaliencyMask
+    foreground: np.ndarray
+    params: dict[str, Any]
+    timings: dict[str, float]
+    flat: list[bool] = field(default_factory=list)
+    model_card: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary(self) -> Image:
+        return self.saliency[0]
+
+    def mask_image(self) -> Image:
+        return self.image.with_array(self.mask.mask.astype(np.uint8))
+
+    def levels_image(self) -> Image:
+        return self.image.with_array(self.mask.levels.astype(np.uint8))
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready result: prediction, probabilities, method, mask statistics, timings, versions."""
+        p = self.prediction
+        voxel_ml = float(np.prod(self.image.spacing)) / 1000.0
+        peak = np.unravel_index(int(np.argmax(self.primary.array)), self.primary.array.shape)
+        return {
+            "prediction": {
+                "label": p.label,
+                "probabilities": {c: round(float(v), 6) for c, v in zip(self.model_card["classes"],
+                                                                          p.probabilities, strict=True)},
+                "calibration": self.model_card.get("calibration"),
+                "temperature": self.model_card.get("temperature"),
+                "logits": [round(float(v), 6) for v in p.logits],
+                "lesion_volume_ml_segmentation_head": round(float(p.lesion_mask.array.sum()) * voxel_ml, 3),
+            },
+            "method": self.method,
+            "targets": self.targets,
+            "params": self.params,
+            "saliency": {
+                "flat": self.flat,
+                "peak_index_ijk": [int(v) for v in peak[::-1]],
+                "peak_lps_mm": [round(float(v), 3) for v in self.image.index_to_physical(peak[::-1])],
+            },
+            "mask": {
+                "empty": self.mask.empty,
+                "reason": self.mask.reason,
+                "threshold": _finite_or_none(self.mask.threshold),
+                "percentile": _finite_or_none(self.mask.percentile),
+                "voxels": int(self.mask.mask.sum()),
+                "volume_ml": round(float(self.mask.mask.sum()) * voxel_ml, 3),
+                "fraction_of_brain": round(self.mask.fraction, 6),
+                "components": len(self.mask.components),
+                "levels_percent": sorted(self.mask.level_thresholds, reverse=True),
+                "levels_encoding": "uint8: 0 outside; level n = top p_n % of brain voxels, nested, "
+                                   "highest level most salient",
+            },
+            "image": {"size": list(self.image.size), "spacing": list(self.image.spacing),
+                      "origin": list(self.image.origin), "direction": list(self.image.direction)},
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "model": {k: self.model_card.get(k) for k in ("name", "version", "weights_sha256")},
+            "software": software_versions(),
+        }
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def software_versions() -> dict[str, str]:
+    import monai
+    import SimpleITK as sitk
+    import torch
+
+    return {"xai_core": __version__, "torch": torch.__version__, "monai": monai.__version__,
+            "SimpleITK": sitk.Version_VersionString(), "python": platform.python_version()}
+
+
+def brain_foreground(image: Image) -> np.ndarray:
+    """Voxels of the head/brain on the input grid: normalised intensity above 10 % (MR background is
+    near zero), holes filled. Percent-based saliency levels count these voxels only."""
+    from scipy import ndimage
+
+    fg = normalise_intensity(image.array) > 0.1
+    fg = ndimage.binary_opening(fg, iterations=1)
+    return ndimage.binary_fill_holes(fg) if fg.any() else fg
+
+
+def _resolve_target(target: str | int | None, model: LesionModel, pred: Prediction) -> list[int]:
+    classes = model.classes
+    if target is None or target == "predicted":
+        return [classes.index(pred.label)]
+    if target == "all":
+        first = classes.index(pred.label)  # the primary map is the predicted class
+        return [first] + [c for c in range(len(classes)) if c != first]
+    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
+        t = int(target)
+        if not 0 <= t < len(classes):
+            raise ValueError(f"target class {t} out of range 0..{len(classes) - 1}")
+        return [t]
+    if target in classes:
+        return [classes.index(target)]
+    raise ValueError(f"unknown target {target!r}; use a class name {classes}, an index, 'all' or 'predicted'")
+
+
+def explain(image: Image, method: str = "gradcam++", *, target: str | int | None = None,
+            model: LesionModel | None = None, method_kwargs: dict[str, Any] | None = None,
+            progress: Progress | None = None) -> Explanation:
+    """Explain ``model``'s decision on ``image`` with ``method``.
+
+    Args:
+        image: any geometry (see :mod:`xai_core.io`).
+        method: a registered method name (:func:`xai_core.explain.available_methods`).
+        target: class name or index, ``'all'``, or None/``'predicted'`` for the predicted class.
+        model: a loaded model (default: ``brain-lesion-3d``).
+        method_kwargs: extra explainer arguments (e.g. ``layer``).
+        progress: called with (stage, fraction done).
+    """
+    if method not in available_methods():
+        raise ValueError(f"unknown method {method!r}; available: {available_methods()}")
+    report = progress or (lambda stage, frac: None)
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    model = model or load_model("brain-lesion-3d")
+    report("prepare", 0.0)
+    inputs = model.prepare(image)
+    timings["prepare"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    pred = model.predict(image, inputs)
+    timings["predict"] = time.perf_counter() - t
+    report("predict", 0.2)
+
+    targets = _resolve_target(target, model, pred)
+    kwargs = dict(method_kwargs or {})
+    t = time.perf_counter()
+    explainer = get_explainer(method)(model.net, **kwargs)
+    att = explainer.attribute_with_info(inputs.tensor, target=[targets])
+    timings["attribute"] = time.perf_counter() - t
+    report("attribute", 0.7)
+
+    t = time.perf_counter()
+    maps = att.maps[0].detach().float().cpu().numpy()  # (T, K, J, I) on the model grid
+    saliency = []
+    for m in maps:
+        on_input = model.grid.to_input(m, inputs.ref, image)
+        hi = float(on_input.max())
+        # Resampling can lower the peak slightly; rescale so 1 is the most important voxel again.
+        on_input = on_input / hi if hi > 0 else np.zeros_like(on_input)
+        saliency.append(image.with_array(np.clip(on_input, 0, 1).astype(np.float32)))
+    timings["to_input_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    fg = brain_foreground(image)
+    # k, j, i array order: spacing reversed from ITK's (i, j, k).
+    sm = saliency_mask(saliency[0].array, fg, spacing=tuple(image.spacing[::-1]))
+    timings["mask"] = time.perf_counter() - t
+    report("done", 1.0)
+    params = {"target": target if target is not None else "predicted", "target_classes": targets,
+              "layer": att.layer, **{k: v for k, v in kwargs.items() if _jsonable(v)}}
+    return Explanation(
+        image=image, method=method, targets=[model.classes[c] for c in targets], prediction=pred,
+        saliency=saliency, mask=sm, foreground=fg, params=params, timings=timings,
+        flat=[bool(f) for f in att.flat[0].tolist()], model_card=model.card.model_dump(),
+    )
+
+
+def _jsonable(v: Any) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def write_explanation(exp: Explanation, out: str | Path, overlay: bool = True) -> dict[str, Path]:
+    """Write ``saliency.nii.gz`` (primary target), ``saliency_<class>.nii.gz`` (every target when
+    several), ``levels.nii.gz``, ``mask.nii.gz``, ``result.json`` and ``overlay.png`` into ``out``.
+    Every volume carries the input's geometry."""
+    from .render import overlay_png
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"saliency": write_image(exp.primary, out / "saliency.nii.gz"),
+             "levels": write_image(exp.levels_image(), out / "levels.nii.gz"),
+             "mask": write_image(exp.mask_image(), out / "mask.nii.gz")}
+    if len(exp.saliency) > 1:
+        for name, sal in zip(exp.targets, exp.saliency, strict=True):
+            files[f"saliency_{name}"] = write_image(sal, out / f"saliency_{name}.nii.gz")
+    summary = exp.summary()
+    if overlay:
+        t = time.perf_counter()
+        p = exp.prediction
+        title = (f"{exp.method} for '{exp.targets[0]}' | predicted {p.label} "
+                 f"({float(p.probabilities.max()):.2f})")
+        files["overlay"] = overlay_png(exp.image, exp.primary, out / "overlay.png", title=title,
+                                       mask=exp.mask_image())
+        summary["timings_s"]["overlay"] = round(time.perf_counter() - t, 4)
+    summary["files"] = {k: v.name for k, v in files.items()}
+    files["result"] = out / "result.json"
+    files["result"].write_text(json.dumps(summary, indent=2))
+    return files
