@@ -58,7 +58,7 @@ def test_lesion_classes_have_their_intended_appearance():
     found = {label: make_study(99, i, label=label) for i, label in enumerate(CLASSES[1:])}
     assert {f[2]["label"] for f in found.values()} == set(CLASSES[1:])
     ref = {}
-    for label, (img, mask, info) in found.items():
+    for label, (img, mask, _info) in found.items():
         brain = img.array > 0.3 * np.percentile(img.array, 99)
         ref[label] = np.median(img.array[mask.array > 0]) / np.median(img.array[brain & (mask.array == 0)])
     assert ref["meningioma"] > 1.1

@@ -312,6 +312,10 @@ class CAMExplainer(Explainer):
     ``BrainLesionNet``: ``encoder_out``, not the segmentation decoder). The choice is cached.
 
     If a layer runs more than once in a forward, the last call's output is used.
+
+    Every call runs the model in eval mode (each module's own mode is restored afterwards), with
+    gradients enabled even under ``torch.no_grad`` (servers call models that way), removes its hooks
+    before it returns or raises, and writes no ``.grad`` on the parameters.
     """
 
     needs_gradients: ClassVar[bool] = True

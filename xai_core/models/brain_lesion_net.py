@@ -10,7 +10,7 @@ Shapes (3-D, default channels ``(8, 16, 32, 64)``, input ``(B, 1, 64, 64, 64)``)
     dec2 (16^3) -> up -> dec1 (32^3) -> up -> 1x1 head with stem features
                                     -> segmentation logits (B, seg_channels, 64, 64, 64)
 
-The last encoder stage keeps 1/4 resolution (dilated instead of strided) so that class activation
+The last encoder stage ends in a ReLU and keeps 1/4 resolution (dilated instead of strided) so that class activation
 maps have 16^3 cells on the model grid (12 mm at 3 mm spacing), fine enough for lesion masks.
 Works for ``spatial_dims`` 2 or 3 (MONAI convention, channel-first).
 """
@@ -45,8 +45,10 @@ class BrainLesionNet(nn.Module):
         self.stem = Convolution(sd, in_channels, c0, norm=norm, act=act)
         self.down1 = ResidualUnit(sd, c0, c1, strides=2, norm=norm, act=act)
         self.down2 = ResidualUnit(sd, c1, c2, strides=2, norm=norm, act=act)
-        self.encoder_out = ResidualUnit(sd, c2, c3, strides=1, norm=norm, act=act, dilation=2,
-                                        subunits=1)
+        # Post-activation ReLU: CAM methods (Grad-CAM++ above all) assume non-negative activations,
+        # and a residual sum alone can go negative.
+        self.encoder_out = nn.Sequential(
+            ResidualUnit(sd, c2, c3, strides=1, norm=norm, act=act, dilation=2, subunits=1), nn.ReLU())
         pool = nn.AdaptiveAvgPool3d(1) if sd == 3 else nn.AdaptiveAvgPool2d(1)
         mpool = nn.AdaptiveMaxPool3d(1) if sd == 3 else nn.AdaptiveMaxPool2d(1)
         self.avg_pool, self.max_pool = pool, mpool
