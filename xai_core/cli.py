@@ -52,10 +52,6 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     target = a.target
     exp = explain(image, a.method, target=target, progress=progress)
     files = write_explanation(exp, a.out)
-    if a.report:
-        from .report import write_report
-
-        files.update(write_report(exp, a.out))
     p = exp.prediction
     print(f"predicted {p.label} (p = {float(p.probabilities.max()):.3f}); mask "
           f"{'empty: ' + str(exp.mask.reason) if exp.mask.empty else str(int(exp.mask.mask.sum())) + ' voxels'}")
@@ -125,7 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--method", default="gradcam++", choices=available_methods())
     ex.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
     ex.add_argument("--out", required=True, help="output folder")
-    ex.add_argument("--report", action="store_true", help="also write findings.json and report.md")
     ex.set_defaults(func=_cmd_explain)
 
     ev = sub.add_parser("evaluate", help="score methods against ground-truth masks")

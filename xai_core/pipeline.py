@@ -26,6 +26,7 @@ from .masks import SaliencyMask, saliency_mask
 from .models import LesionModel, Prediction
 from .models import load as load_model
 from .models.grid import normalise_intensity
+from .settings import get_settings
 
 __all__ = ["Explanation", "explain", "brain_foreground", "write_explanation", "software_versions"]
 
@@ -205,7 +206,10 @@ def explain(image: Image, method: str = "gradcam++", *, target: str | int | None
     t = time.perf_counter()
     fg = brain_foreground(image)
     # k, j, i array order: spacing reversed from ITK's (i, j, k).
-    sm = saliency_mask(saliency[0].array, fg, spacing=tuple(image.spacing[::-1]))
+    cfg = get_settings()
+    sm = saliency_mask(saliency[0].array, fg, spacing=tuple(image.spacing[::-1]),
+                       min_fraction=cfg.mask_min_fraction, max_fraction=cfg.mask_max_fraction,
+                       levels_percent=cfg.mask_levels_percent)
     timings["mask"] = time.perf_counter() - t
     report("done", 1.0)
     params = {"target": target if target is not None else "predicted", "target_classes": targets,

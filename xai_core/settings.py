@@ -40,6 +40,42 @@ class Settings(BaseSettings):
     # Saliency masks.
     mask_levels_percent: tuple[float, ...] = Field((1.0, 5.0, 10.0, 20.0),
                                                    description="top-k%% of brain voxels per saliency level")
+    # Bounds on the adaptive (Otsu) mask, as fractions of brain voxels: 0.2 % of a brain is ~3 mL,
+    # the size of a small metastasis; 20 % keeps a diffuse map from flooding the mask.
+    mask_min_fraction: float = Field(0.002, description="smallest adaptive mask, fraction of brain voxels")
+    mask_max_fraction: float = Field(0.20, description="largest adaptive mask, fraction of brain voxels")
+
+    # Registration of the input to the MNI152 template (xai_core.registration). 2.5 mm keeps one
+    # affine registration within a few seconds on 2 cores; the atlas is still read at 1 mm.
+    registration_spacing_mm: float = Field(2.5, description="grid the template is registered on, mm")
+    registration_sampling_fraction: float = Field(0.05, description="share of fixed voxels the metric samples")
+    registration_iterations: int = Field(100, description="optimizer iterations per resolution level")
+    registration_bspline: bool = Field(False, description="add a deformable B-spline stage after the affine")
+    registration_bspline_mesh_mm: float = Field(60.0, description="B-spline control point spacing, mm")
+    # Quality gates (thresholds measured in docs/atlas.md): below them a registration is likely_failed.
+    registration_min_ncc: float = Field(0.6, description="least NCC of warped input and template in the brain")
+    registration_min_dice: float = Field(0.8, description="least Dice of warped input foreground and template brain")
+    registration_det_range: tuple[float, float] = Field((0.5, 2.0),
+                                                        description="allowed volume change of the affine part")
+
+    # Atlas labelling (xai_core.atlas).
+    atlas_min_structure_fraction: float = Field(0.01, description="structures below this share of the mask "
+                                                                  "are not listed")
+    atlas_bilateral_fraction: float = Field(0.35, description="a region is bilateral when its smaller side holds "
+                                                              "at least this share of its mass")
+    atlas_min_component_fraction: float = Field(0.05, description="components below this share of the mask do "
+                                                                  "not decide the side")
+
+    # Counterfactual in-filling (xai_core.counterfactual).
+    counterfactual_dilation_mm: float = Field(3.0, description="the in-filled region is the mask grown by this")
+    counterfactual_blend_mm: float = Field(2.0, description="Gaussian sigma of the blend at the region's border")
+
+    # Drafted report (xai_core.report).
+    report_llm_max_new_tokens: int = Field(160, description="tokens an LLM may generate for the impression")
+
+    # Explanation server (monai_app); a MONAI Label `--conf token ...` / `--conf max_upload_mb ...` wins.
+    token: str = Field("", description="bearer token every server route requires (XAI_TOKEN); empty = no auth")
+    max_upload_mb: float = Field(512.0, description="largest request body the server accepts, MiB")
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,71 @@
+"""The served model, loaded once and reloaded when its weights change on disk.
+
+Weights may appear or be replaced while the server runs (the shipped weights land later, a
+fine-tune writes new ones), so every request checks the card and weight files' modification
+times (two ``stat`` calls) and reloads when they changed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from xai_core.models import LesionModel, load
+from xai_core.settings import get_settings, resolve_device
+
+from .errors import Unavailable
+
+
+def weights_dirs() -> list[Path]:
+    """Search order of ``xai_core.models.load``: user (fine-tuned) weights first, then the shipped ones."""
+    s = get_settings()
+    return [Path(s.user_weights_dir), Path(s.weights_dir)]
+
+
+class ModelCache:
+    """Thread-safe holder of one loaded :class:`~xai_core.models.LesionModel`."""
+
+    def __init__(self, name: str, device: str):
+        self.name = name
+        self.device = resolve_device(device)
+        self._lock = threading.Lock()
+        self._model: LesionModel | None = None
+        self._stamp: tuple[Any, ...] | None = None
+
+    def files(self) -> tuple[Path, Path] | None:
+        """``(card, weights)`` that ``load`` would use, or None when the model is missing."""
+        for d in weights_dirs():
+            card = d / f"{self.name}.json"
+            if card.is_file() and card.with_suffix(".pt").is_file():
+                return card, card.with_suffix(".pt")
+        return None
+
+    def available(self) -> bool:
+        return self.files() is not None
+
+    def card(self) -> dict[str, Any]:
+        """The model card (cheap: no weights are read); empty when the model is missing."""
+        files = self.files()
+        if files is None:
+            return {}
+        try:
+            return json.loads(files[0].read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def get(self) -> LesionModel:
+        """The loaded model, (re)loading it when its files changed."""
+        files = self.files()
+        if files is None:
+            raise Unavailable(f"model {self.name!r} is not available: no {self.name}.json/.pt in "
+                              f"{', '.join(str(d) for d in weights_dirs())}")
+        card, pt = files
+        stamp = (str(card), card.stat().st_mtime_ns, pt.stat().st_mtime_ns, pt.stat().st_size)
+        with self._lock:
+            if self._model is None or stamp != self._stamp:
+                # Load into locals first: a failed reload keeps nothing half-updated.
+                model = load(self.name, device=self.device, weights_dir=card.parent)
+                self._model, self._stamp = model, stamp
+            return self._model

@@ -1,0 +1,65 @@
+"""App options: MONAI Label ``--conf KEY VALUE`` pairs over ``xai_core`` settings (env ``XAI_*``).
+
+Every option has one source of truth: the conf value when given, else the setting (so ``XAI_TOKEN``
+and ``--conf token ...`` both work), else the default here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from xai_core.settings import get_settings
+
+# Server state that is not a study lives in this hidden folder of the datastore, which MONAI Label's
+# local datastore does not list (it lists top-level image files only).
+STATE_DIR = ".xai"
+
+
+@dataclass(frozen=True)
+class AppOptions:
+    """Resolved options of one server process.
+
+    Attributes:
+        model: model name served (``xai_core.models.load``).
+        device: ``auto``, ``cpu`` or ``cuda:N``.
+        token: bearer token every route requires; empty disables auth.
+        max_upload_bytes: largest request body accepted (413 above).
+        studies: datastore folder.
+        results_dir: where explanation artifacts are kept (``/xai/results``).
+        results_keep: how many results are kept before the oldest are pruned.
+        jobs_keep: how many finished jobs are remembered.
+    """
+
+    model: str
+    device: str
+    token: str
+    max_upload_bytes: int
+    studies: Path
+    results_dir: Path
+    results_keep: int
+    jobs_keep: int
+
+    @property
+    def state_dir(self) -> Path:
+        return self.studies / STATE_DIR
+
+    @classmethod
+    def from_conf(cls, conf: Mapping[str, str] | None, studies: str | Path) -> AppOptions:
+        conf = dict(conf or {})
+        s = get_settings()
+        studies = Path(studies)
+        max_mb = float(conf.get("max_upload_mb", s.max_upload_mb))
+        if max_mb <= 0:
+            raise ValueError(f"max_upload_mb must be positive, got {max_mb}")
+        return cls(
+            model=conf.get("model", "brain-lesion-3d"),
+            device=conf.get("device", s.device),
+            token=conf.get("token", s.token) or "",
+            max_upload_bytes=int(max_mb * 1024 * 1024),
+            studies=studies,
+            results_dir=Path(conf.get("results_dir", studies / STATE_DIR / "results")),
+            results_keep=int(conf.get("results_keep", 200)),
+            jobs_keep=int(conf.get("jobs_keep", 500)),
+        )

@@ -1,0 +1,52 @@
+"""Per-process runtime of the app: options, model, results, the model worker and jobs.
+
+It hangs off the app instance (``app_instance().xai``), the one object that both MONAI Label's
+code and the HTTP wrapper reach.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from xai_core.settings import get_settings
+
+from .jobs import InferFn, JobManager
+from .models import ModelCache
+from .options import AppOptions
+from .results import ResultStore
+
+
+class XAIRuntime:
+    def __init__(self, options: AppOptions):
+        self.options = options
+        self.models = ModelCache(options.model, options.device)
+        self.results = ResultStore(options.results_dir, options.results_keep)
+        # One thread does all model work: torch keeps the cores busy on its own, and CAM hooks on
+        # the shared network must not interleave. Threads (not processes) suffice for a responsive
+        # event loop because torch, SimpleITK and scipy spend the time outside the GIL.
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xai-worker")
+        self.jobs = JobManager(self.worker, keep=options.jobs_keep)
+        _configure_torch(self.models.device)
+
+    def bind(self, infer: InferFn) -> None:
+        """Give the job manager the app's ``infer`` (MONAI Label's request path)."""
+        self.jobs.infer = infer
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        """Run ``fn(*args)`` on the model worker thread."""
+        return self.worker.submit(fn, *args)
+
+
+def _configure_torch(device: torch.device) -> None:
+    s = get_settings()
+    if s.num_threads:
+        torch.set_num_threads(s.num_threads)
+    if device.type == "cuda":
+        # Full float32 on the GPU: TF32 convolutions keep 10 mantissa bits, enough to reorder
+        # near-equal saliency voxels around the mask thresholds (see docs/server.md).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False

@@ -1,0 +1,517 @@
+"""XAI Explain: explanations from the explanation server in 3D Slicer.
+
+The heatmap is shown over the image, the saliency levels and mask become segments that the user
+corrects with the Segment Editor, and the corrected label is stored back on the server with its
+provenance. Network work runs on worker threads (``XAIExplainLib.jobs``) polled by a QTimer; the
+scene and HTTP logic live in ``XAIExplainLib`` (no Qt), which the tests run without Slicer.
+"""
+
+import logging
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ctk  # noqa: F401  (loads the CTK widget classes the .ui file names)
+import qt
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from XAIExplainLib import __version__, report
+from XAIExplainLib.client import VQA_TASK, XAIClient
+from XAIExplainLib.jobs import BackgroundCall, ExplanationRun
+from XAIExplainLib.scene import XAIScene
+
+SETTINGS_URL_KEY = "XAIExplain/serverUrl"
+EDITOR_NODE_TAG = "XAIExplainSegmentEditor"
+POLL_MS = 150
+
+
+#
+# XAIExplain
+#
+
+
+class XAIExplain(ScriptedLoadableModule):
+    """Module description (Slicer's scripted module convention)."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "XAI Explain"
+        self.parent.categories = ["Explainable AI"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["XAI medical imaging project"]
+        self.parent.helpText = """
+Shows why a model decided what it did: the explanation server's saliency map appears over the image,
+its saliency levels and mask become segments you can correct with the Segment Editor, and the
+corrected label is stored back on the server with its provenance.
+See docs/slicer.md in the project for the steps.
+"""
+        self.parent.acknowledgementText = """
+Built on 3D Slicer, MONAI Label and MONAI. Segment editing uses Slicer's Segment Editor.
+"""
+
+
+#
+# XAIExplainLogic
+#
+
+
+class XAIExplainLogic(ScriptedLoadableModuleLogic):
+    """What the widget does, callable without it (Python console, tests).
+
+    Holds the client, the scene logic and the record of which volume was uploaded under which id.
+    """
+
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.xscene = XAIScene(slicer.mrmlScene, slicer.modules.segmentations.logic(),
+                               slicer.modules.volumes.logic(), slicer.app.applicationLogic())
+        self.client = None
+        self.info = None
+        self.workdir = Path(tempfile.mkdtemp(prefix="XAIExplain_"))
+        self._uploaded = {}  # node ID -> (node and image MTime, image id on the server)
+
+    def cleanup(self):
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # connection
+    def makeClient(self, url, token):
+        return XAIClient(url, token=token or None)
+
+    def setConnection(self, client, info):
+        self.client, self.info = client, info
+        self._uploaded.clear()  # another server does not have our images
+
+    def explanationTasks(self):
+        return self.client.explanation_tasks(self.info) if self.client else []
+
+    def hasVqa(self):
+        return bool(self.client) and self.client.has_task(VQA_TASK, self.info)
+
+    # upload
+    @staticmethod
+    def imageIdFor(volumeNode):
+        """Datastore id of a volume: its name, restricted to characters every server accepts."""
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("._") or "volume"
+        return f"slicer_{safe}"[:100]
+
+    def prepareUpload(self, volumeNode):
+        """``(image id, file to upload or None)``. The file is written here on the GUI thread (MRML is
+        not thread-safe); the worker uploads it. Unchanged volumes are not sent again."""
+        stamp = (volumeNode.GetMTime(), volumeNode.GetImageData().GetMTime())
+        known = self._uploaded.get(volumeNode.GetID())
+        if known and known[0] == stamp:
+            return known[1], None
+        imageId = self.imageIdFor(volumeNode)
+        path = self.xscene.write_volume(volumeNode, self.workdir / "upload" / f"{imageId}.nii.gz")
+        self._uploaded[volumeNode.GetID()] = (stamp, imageId)
+        return imageId, path
+
+    def forgetUpload(self, volumeNode):
+        self._uploaded.pop(volumeNode.GetID(), None)
+
+    # explanation
+    def startRun(self, volumeNode, task, params, artifacts=None):
+        imageId, path = self.prepareUpload(volumeNode)
+        outDir = Path(tempfile.mkdtemp(prefix=f"{task}_", dir=self.workdir))
+        kwargs = {"artifacts": artifacts} if artifacts else {}
+        return ExplanationRun(self.client, task, params, outDir, image_id=imageId, image_path=path,
+                              **kwargs).start()
+
+    def showResult(self, state, volumeNode, opacity, threshold, name=None, files=None):
+        files = {k: str(v) for k, v in (files if files is not None else state.files).items()}
+        return self.xscene.import_explanation(state.result or {}, files, volumeNode, name=name,
+                                              opacity=opacity, threshold=threshold)
+
+    # saving
+    def exportLabel(self, segmentationNode, segmentIds, volumeNode):
+        """Label file (0/1 uint8 NIfTI on the input grid) of the union of ``segmentIds``."""
+        labelNode = self.xscene.export_label(segmentationNode, segmentIds, volumeNode,
+                                             name=f"{segmentationNode.GetName()} label")
+        try:
+            path = self.workdir / "labels" / f"label_{int(time.time() * 1000)}.nii.gz"
+            return self.xscene.write_volume(labelNode, path)
+        finally:
+            slicer.mrmlScene.RemoveNode(labelNode)
+
+    def clientDescription(self):
+        return f"XAIExplain {__version__} (3D Slicer {slicer.app.applicationVersion})"
+
+
+#
+# XAIExplainWidget
+#
+
+
+class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The module panel. Qt lives here only."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.run = None  # ExplanationRun in flight
+        self.runKind = None  # "explain" or "vqa"
+        self.runVolume = None
+        self.calls = []  # [(BackgroundCall, on_done)]
+        self.nodes = None  # ExplanationNodes of the explanation shown
+        self.overlayNodes = None  # ExplanationNodes of the last answer's RE-LIG map
+        self.lastResult = None
+        self.lastTask = None
+        self.lastImageId = None
+        self.timer = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/XAIExplain.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = XAIExplainLogic()
+
+        self.ui.serverUrlLineEdit.text = qt.QSettings().value(SETTINGS_URL_KEY, "http://127.0.0.1:8000")
+        self.ui.cancelButton.enabled = False
+        self.ui.askButton.enabled = False
+
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.explainButton.connect("clicked(bool)", self.onExplain)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.askButton.connect("clicked(bool)", self.onAsk)
+        self.ui.saveLabelButton.connect("clicked(bool)", self.onSaveLabel)
+        self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
+        self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
+
+        self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
+        self.ensureEditorNode()
+
+        # The timer only reads the workers' state; the network never runs on this thread.
+        self.timer = qt.QTimer()
+        self.timer.setInterval(POLL_MS)
+        self.timer.connect("timeout()", self.onTimer)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.updateButtons()
+
+    def cleanup(self):
+        if self.run:
+            self.run.cancel()
+        if self.timer:
+            self.timer.stop()
+        self.removeObservers()
+        if self.logic:
+            self.logic.cleanup()
+
+    def enter(self):
+        self.ensureEditorNode()
+        self.ui.segmentEditorWidget.installKeyboardShortcuts()
+        self.ui.segmentEditorWidget.setupViewObservations()
+
+    def exit(self):
+        self.ui.segmentEditorWidget.setActiveEffect(None)
+        self.ui.segmentEditorWidget.uninstallKeyboardShortcuts()
+        self.ui.segmentEditorWidget.removeViewObservations()
+
+    def onSceneStartClose(self, caller, event):
+        if self.run:
+            self.run.cancel()
+        self.nodes = self.overlayNodes = None
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.ensureEditorNode()
+        self.updateButtons()
+
+    def ensureEditorNode(self):
+        node = slicer.mrmlScene.GetSingletonNode(EDITOR_NODE_TAG, "vtkMRMLSegmentEditorNode")
+        if node is None:
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
+            node.SetSingletonTag(EDITOR_NODE_TAG)
+            node = slicer.mrmlScene.AddNode(node)
+        self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(node)
+
+    # ------------------------------------------------------------------ state
+    def busy(self):
+        return self.run is not None
+
+    def updateButtons(self, *unused):
+        connected = self.logic is not None and self.logic.client is not None
+        volume = self.ui.inputVolumeSelector.currentNode()
+        self.ui.explainButton.enabled = (connected and volume is not None and not self.busy()
+                                         and self.ui.methodComboBox.count > 0)
+        self.ui.askButton.enabled = connected and volume is not None and not self.busy() and self.logic.hasVqa()
+        self.ui.cancelButton.enabled = self.busy()
+        self.ui.connectButton.enabled = not self.busy()
+        self.ui.saveLabelButton.enabled = (connected and volume is not None
+                                           and self.ui.segmentEditorWidget.segmentationNode() is not None)
+
+    def startCall(self, call, onDone):
+        self.calls.append((call.start(), onDone))
+        self.timer.start()
+
+    def onTimer(self):
+        # Python threads only run while this thread gives up the GIL; a short sleep makes sure the
+        # workers get their turn whichever way PythonQt holds the lock while Qt is idle.
+        time.sleep(0.002)
+        for call, onDone in list(self.calls):
+            if call.done:
+                self.calls.remove((call, onDone))
+                onDone(call)
+        if self.run:
+            state = self.run.snapshot()
+            self.ui.progressBar.value = int(round(100 * state.progress))
+            self.ui.statusLabel.text = state.stage
+            if state.finished:
+                self.run = None
+                self.onRunFinished(state)
+        if not self.calls and not self.run:
+            self.timer.stop()
+        self.updateButtons()
+
+    # ------------------------------------------------------------------ connect
+    def onConnect(self):
+        url = self.ui.serverUrlLineEdit.text.strip()
+        try:
+            client = self.logic.makeClient(url, self.ui.tokenLineEdit.text.strip())
+        except ValueError as e:
+            self.ui.serverStatusLabel.text = str(e)
+            return
+        self.ui.serverStatusLabel.text = f"Connecting to {url} ..."
+        self.ui.connectButton.enabled = False
+        self.startCall(BackgroundCall(client.info, "connect"), lambda call: self.onConnected(client, call))
+
+    def onConnected(self, client, call):
+        if call.error:
+            self.logic.setConnection(None, None)
+            self.ui.serverStatusLabel.text = call.error
+            self.ui.methodComboBox.clear()
+            return
+        qt.QSettings().setValue(SETTINGS_URL_KEY, client.url)
+        self.logic.setConnection(client, call.value)
+        info = call.value
+        self.ui.methodComboBox.clear()
+        for task in self.logic.explanationTasks():
+            label = task.name + (f" ({task.type})" if task.type != "explanation" else "")
+            self.ui.methodComboBox.addItem(label, task.name)
+        self.ui.targetComboBox.clear()
+        for target in ["predicted", "all"] + client.class_names(info):
+            self.ui.targetComboBox.addItem(target)
+        n = self.ui.methodComboBox.count
+        self.ui.serverStatusLabel.text = (f"Connected to {info.get('name') or 'server'} at {client.url}: "
+                                          f"{n} explanation method(s)." if n else
+                                          f"Connected to {client.url}, but it offers no explanation task.")
+        if self.logic.hasVqa():
+            self.ui.vqaStatusLabel.text = "Ask a question about the selected volume."
+        else:
+            self.ui.vqaStatusLabel.text = "Question answering (vqa) is not available on this server."
+
+    # ------------------------------------------------------------------ explain
+    def currentTask(self):
+        return self.ui.methodComboBox.itemData(self.ui.methodComboBox.currentIndex)
+
+    def onExplain(self):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        task = self.currentTask()
+        if volume is None or not task:
+            return
+        params = {"target": self.ui.targetComboBox.currentText or "predicted"}
+        self.startRun("explain", volume, task, params)
+
+    def onAsk(self):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        question = self.ui.questionLineEdit.text.strip()
+        if volume is None:
+            return
+        if not question:
+            self.ui.answerTextBrowser.setPlainText("Type a question first.")
+            return
+        if not self.logic.hasVqa():
+            self.ui.answerTextBrowser.setPlainText("Question answering (vqa) is not available on this server.")
+            return
+        self.startRun("vqa", volume, VQA_TASK, {"question": question}, artifacts=("saliency", "result"))
+
+    def startRun(self, kind, volume, task, params, artifacts=None):
+        try:
+            self.run = self.logic.startRun(volume, task, params, artifacts)
+        except Exception as e:  # writing the upload file can fail (disk full, odd volume)
+            logging.exception("could not start %s", task)
+            self.ui.statusLabel.text = f"Could not start: {e}"
+            return
+        self.runKind, self.runVolume, self.lastTask = kind, volume, task
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "starting"
+        self.timer.start()
+        self.updateButtons()
+
+    def onCancel(self):
+        if self.run:
+            self.run.cancel()
+            self.ui.statusLabel.text = "cancelling ..."
+
+    def onRunFinished(self, state):
+        if state.status == "cancelled":
+            self.ui.statusLabel.text = "Cancelled."
+            return
+        if state.status == "failed":
+            # The server may have got the upload only partly; send it again next time.
+            self.logic.forgetUpload(self.runVolume)
+            self.ui.statusLabel.text = f"Failed: {state.error}"
+            return
+        try:
+            if self.runKind == "vqa":
+                self.showAnswer(state)
+            else:
+                self.showExplanation(state)
+        except Exception as e:
+            logging.exception("could not show the result")
+            self.ui.statusLabel.text = f"Could not show the result: {e}"
+            return
+        self.ui.statusLabel.text = "Done" + (" (server without job API: could not be cancelled)"
+                                             if state.blocking_fallback else "") + "."
+
+    def showExplanation(self, state):
+        volume = self.runVolume
+        self.nodes = self.logic.showResult(state, volume, self.ui.opacitySliderWidget.value,
+                                           self.ui.thresholdSliderWidget.value)
+        self.lastResult, self.lastImageId = state.result, state.image_id
+        self.ui.resultsTextBrowser.setHtml(report.summary_html(state.result or {}))
+        if self.nodes.segmentation is not None:
+            editor = self.ui.segmentEditorWidget
+            editor.setSegmentationNode(self.nodes.segmentation)
+            editor.setSourceVolumeNode(volume)
+            if self.nodes.mask_segment_id:
+                editor.setCurrentSegmentID(self.nodes.mask_segment_id)
+
+    def showAnswer(self, state):
+        result = state.result or {}
+        self.ui.answerTextBrowser.setHtml(report.answer_html(result))
+        if "saliency" in state.files:
+            question = self.ui.questionLineEdit.text.strip()
+            self.overlayNodes = self.logic.showResult(
+                state, self.runVolume, self.ui.opacitySliderWidget.value, self.ui.thresholdSliderWidget.value,
+                name=f"XAI RE-LIG: {question[:40]}", files={"saliency": state.files["saliency"]})
+
+    # ------------------------------------------------------------------ display
+    def shownHeatmaps(self):
+        return [n.heatmap for n in (self.nodes, self.overlayNodes) if n is not None and n.heatmap is not None]
+
+    def onOpacityChanged(self, value):
+        self.logic.xscene.set_opacity(value)
+
+    def onThresholdChanged(self, value):
+        for heat in self.shownHeatmaps():
+            if heat.GetScene() is not None:
+                self.logic.xscene.set_threshold(heat, value)
+
+    # ------------------------------------------------------------------ save
+    def chosenSegmentIds(self, segmentationNode):
+        editor = self.ui.segmentEditorWidget
+        if self.ui.mergeVisibleCheckBox.checked:
+            ids = vtk.vtkStringArray()
+            segmentationNode.GetDisplayNode().GetVisibleSegmentIDs(ids)
+            return [ids.GetValue(i) for i in range(ids.GetNumberOfValues())]
+        return [editor.currentSegmentID()] if editor.currentSegmentID() else []
+
+    def onSaveLabel(self):
+        segmentation = self.ui.segmentEditorWidget.segmentationNode()
+        volume = self.ui.inputVolumeSelector.currentNode()
+        if segmentation is None or volume is None:
+            self.ui.saveStatusLabel.text = "Explain a volume first: there is no segmentation to save."
+            return
+        ids = self.chosenSegmentIds(segmentation)
+        if not ids:
+            self.ui.saveStatusLabel.text = "Select the segment to save in the Segment Editor."
+            return
+        tag = self.ui.labelTagLineEdit.text.strip() or "corrected_saliency"
+        names = [segmentation.GetSegmentation().GetSegment(s).GetName() for s in ids]
+        try:
+            imageId, uploadPath = self.logic.prepareUpload(volume)
+            labelPath = self.logic.exportLabel(segmentation, ids, volume)
+        except Exception as e:
+            logging.exception("label export failed")
+            self.ui.saveStatusLabel.text = f"Could not export the label: {e}"
+            return
+        result = self.lastResult if imageId == self.lastImageId else None
+        provenance = report.label_provenance(result, self.lastTask if result else None, names,
+                                             self.ui.annotatorLineEdit.text.strip(), self.logic.clientDescription())
+        client = self.logic.client.clone()
+
+        def upload():
+            if uploadPath is not None:  # the volume changed since the explanation: the label belongs to this one
+                client.upload_image(uploadPath, imageId)
+            return client.upload_label(imageId, labelPath, tag, provenance)
+
+        self.ui.saveStatusLabel.text = f"Saving {', '.join(names)} ..."
+        self.ui.saveLabelButton.enabled = False
+        self.startCall(BackgroundCall(upload, "label upload"), lambda call: self.onLabelSaved(call, tag))
+
+    def onLabelSaved(self, call, tag):
+        if call.error:
+            self.ui.saveStatusLabel.text = f"Not saved: {call.error}"
+            return
+        answer = call.value or {}
+        self.ui.saveStatusLabel.text = (f"Saved as label {answer.get('label', '?')} (tag {tag}) "
+                                        f"for image {answer.get('image', '?')}.")
+
+
+#
+# XAIExplainTest
+#
+
+
+class XAIExplainTest(ScriptedLoadableModuleTest):
+    """Runs the module logic on synthetic data in the running Slicer (no server needed): the same
+    round trip the pytest suite runs on slicer-core."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_scene_round_trip()
+        self.setUp()
+        self.test_scene_round_trip_left_handed()
+        self.setUp()
+        self.test_text()
+
+    def _roundTrip(self, leftHanded):
+        from XAIExplainLib.selftest import run_scene_self_test
+
+        logic = XAIExplainLogic()
+        work = tempfile.mkdtemp(prefix="XAIExplainTest_")
+        try:
+            summary = run_scene_self_test(logic.xscene, work, left_handed=leftHanded)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            logic.cleanup()
+        self.assertEqual(len(summary["segments"]), 5)
+        return summary
+
+    def test_scene_round_trip(self):
+        self.delayDisplay("Heatmap, nested level segments, edit, export: oblique geometry")
+        summary = self._roundTrip(False)
+        self.assertTrue(summary["segments"][3].startswith("Saliency top 1 %"))
+        self.delayDisplay("Test passed")
+
+    def test_scene_round_trip_left_handed(self):
+        self.delayDisplay("Same round trip on a left-handed grid")
+        self._roundTrip(True)
+        self.delayDisplay("Test passed")
+
+    def test_text(self):
+        result = {"method": "gradcam++", "prediction": {"label": "glioma", "probabilities": {"glioma": 0.9,
+                                                                                             "healthy": 0.1}}}
+        self.assertIn("Prediction: glioma (p = 0.900)", report.summary_text(result))
+        self.assertIn("<b>Prediction: glioma</b>", report.summary_html(result))
+        self.delayDisplay("Test passed")

@@ -1,0 +1,79 @@
+"""The shipped default model on fresh held-out studies (a seed never used in training).
+
+The model card states the full figures on 30 held-out studies; these tests check the same
+thresholds on the 12 studies of the ``heldout_studies`` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from xai_core.evaluate import read_mask
+from xai_core.io import read_image
+from xai_core.metrics import dice
+from xai_core.models import available_models, load, sha256
+from xai_core.pipeline import explain
+from xai_core.settings import get_settings
+
+
+@pytest.fixture(scope="module")
+def predictions(heldout_studies, default_model):
+    out = []
+    for r in heldout_studies:
+        image = read_image(r["image"])
+        out.append((r, image, default_model.predict(image)))
+    return out
+
+
+def test_shipped_model_is_listed_and_its_card_matches_the_weights():
+    wdir = get_settings().weights_dir
+    assert "brain-lesion-3d" in available_models(wdir)
+    card = json.loads((wdir / "brain-lesion-3d.json").read_text())
+    assert card["weights_sha256"] == sha256(wdir / "brain-lesion-3d.pt")
+    assert card["classes"] == ["none", "glioma", "meningioma", "metastasis"]
+    assert card["metrics"]["heldout"]["accuracy"] >= 0.90
+    assert card["metrics"]["heldout"]["mean_dice"] >= 0.60
+    assert (wdir / "brain-lesion-3d.pt").stat().st_size < 5_000_000
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(KeyError, match="unknown model 'no-such-model'"):
+        load("no-such-model")
+
+
+def test_heldout_classification_accuracy(predictions):
+    correct = [p.label == r["label"] for r, _, p in predictions]
+    assert np.mean(correct) >= 0.90, [(r["label"], p.label) for r, _, p in predictions]
+
+
+def test_heldout_segmentation_dice_on_the_input_grid(predictions):
+    dices = []
+    for r, image, p in predictions:
+        assert p.lesion_probability.same_geometry(image)
+        assert p.lesion_mask.array.dtype == np.uint8
+        if r["label"] != "none":
+            dices.append(dice(p.lesion_mask.array, read_mask(r["mask"]).array))
+    assert len(dices) >= 4
+    assert np.mean(dices) >= 0.60, dices
+
+
+def test_probabilities_are_calibrated_softmax(predictions, default_model):
+    for _, _, p in predictions:
+        assert p.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+        expected = torch.softmax(torch.from_numpy(p.logits) / default_model.card.temperature, 0).numpy()
+        np.testing.assert_allclose(p.probabilities, expected, rtol=1e-5)
+
+
+def test_gradcampp_masks_overlap_the_lesions(heldout_studies, default_model):
+    """Issue requirement: Grad-CAM++ masks from the default model reach mean Dice >= 0.5."""
+    dices = []
+    for r in heldout_studies:
+        if r["label"] == "none":
+            continue
+        exp = explain(read_image(r["image"]), "gradcam++", target=r["label"], model=default_model)
+        dices.append(dice(exp.mask.mask, read_mask(r["mask"]).array))
+    assert np.mean(dices) >= 0.5, dices
