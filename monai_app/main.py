@@ -23,6 +23,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import xai_core
+from xai_core.settings import get_settings
 
 log = logging.getLogger("xai.app")
 
@@ -32,7 +33,7 @@ class XAIApp(MONAILabelApp):
         # The runtime exists before MONAI Label's constructor, which calls init_datastore/init_infers.
         self.xai = XAIRuntime(AppOptions.from_conf(conf, studies))
         self.task_config = BrainLesionConfig()
-        self.task_config.init("brain_lesion", str(self.xai.options.results_dir), conf, None, runtime=self.xai)
+        self.task_config.init("brain_lesion", str(get_settings().user_weights_dir), conf, None, runtime=self.xai)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="xai-brain-lesion",
                          description="Explanations (Grad-CAM, Grad-CAM++, Score-CAM, ...) of a 3-D brain "
                                      "lesion classifier, saliency masks, and corrected-label fine-tuning",

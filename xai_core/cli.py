@@ -52,6 +52,10 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     target = a.target
     exp = explain(image, a.method, target=target, progress=progress)
     files = write_explanation(exp, a.out)
+    if a.report or a.llm:
+        from .report import write_report
+
+        files.update(write_report(exp, a.out, llm_dir=a.llm))
     p = exp.prediction
     print(f"predicted {p.label} (p = {float(p.probabilities.max()):.3f}); mask "
           f"{'empty: ' + str(exp.mask.reason) if exp.mask.empty else str(int(exp.mask.mask.sum())) + ' voxels'}")
@@ -83,6 +87,24 @@ def _cmd_model_eval(a: argparse.Namespace) -> int:
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
     return 0
+
+
+def _serve_module():
+    """``monai_app.serve``; the app sits beside ``xai_core`` in the repository and is not installed,
+    so it is imported from there (None when this is not a repository checkout)."""
+    from .settings import REPO_ROOT
+
+    if not (REPO_ROOT / "monai_app" / "serve.py").is_file():
+        return None
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    import monai_app.serve
+
+    return monai_app.serve
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    return _serve_module().run(a)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--method", default="gradcam++", choices=available_methods())
     ex.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
     ex.add_argument("--out", required=True, help="output folder")
+    ex.add_argument("--report", action="store_true", help="also write findings.json and report.md")
+    ex.add_argument("--llm", default=None, metavar="DIR",
+                    help="a local causal language model folder drafts the report's impression, guarded "
+                         "against the findings (implies --report)")
     ex.set_defaults(func=_cmd_explain)
 
     ev = sub.add_parser("evaluate", help="score methods against ground-truth masks")
@@ -129,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="runs/evaluate")
     ev.add_argument("--limit", type=int, default=None, help="at most this many lesion studies")
     ev.set_defaults(func=_cmd_evaluate)
+
+    serve = _serve_module()
+    if serve is not None:
+        sv = sub.add_parser("serve", help="run the MONAI Label explanation server (docs/server.md)")
+        serve.add_arguments(sv)
+        sv.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -49,7 +49,7 @@ class Settings(BaseSettings):
     # affine registration within a few seconds on 2 cores; the atlas is still read at 1 mm.
     registration_spacing_mm: float = Field(2.5, description="grid the template is registered on, mm")
     registration_sampling_fraction: float = Field(0.05, description="share of fixed voxels the metric samples")
-    registration_iterations: int = Field(100, description="optimizer iterations per resolution level")
+    registration_iterations: int = Field(200, description="optimizer iterations per resolution level")
     registration_bspline: bool = Field(False, description="add a deformable B-spline stage after the affine")
     registration_bspline_mesh_mm: float = Field(60.0, description="B-spline control point spacing, mm")
     # Quality gates (thresholds measured in docs/atlas.md): below them a registration is likely_failed.
@@ -61,10 +61,12 @@ class Settings(BaseSettings):
     # Atlas labelling (xai_core.atlas).
     atlas_min_structure_fraction: float = Field(0.01, description="structures below this share of the mask "
                                                                   "are not listed")
-    atlas_bilateral_fraction: float = Field(0.35, description="a region is bilateral when its smaller side holds "
-                                                              "at least this share of its mass")
+    atlas_max_structures: int = Field(12, description="at most this many structures are listed, largest first")
+    atlas_crossing_fraction: float = Field(0.25, description="a connected region crosses the midline when its "
+                                                             "smaller side holds at least this share of it")
     atlas_min_component_fraction: float = Field(0.05, description="components below this share of the mask do "
-                                                                  "not decide the side")
+                                                                  "not decide the side; nor does a side holding "
+                                                                  "less than this share of a multi-part region")
 
     # Counterfactual in-filling (xai_core.counterfactual).
     counterfactual_dilation_mm: float = Field(3.0, description="the in-filled region is the mask grown by this")

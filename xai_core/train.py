@@ -3,8 +3,8 @@
 ``xai train brain-lesion-3d --data DIR --val DIR`` resamples every study once onto the model grid
 (cached in ``--out``), trains classification and segmentation jointly with cheap on-grid
 augmentation, checkpoints every epoch (``--resume`` continues), then fits a softmax temperature on
-the validation set and writes the weights and model card into the user weights folder (the
-shipped weights under ``xai_core/models/weights`` are only replaced by hand, on purpose).
+the validation set and writes the weights and model card into ``--out`` (the shipped weights under
+``xai_core/models/weights`` are only replaced by a deliberate copy).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from monai.losses import DiceCELoss
 
 from .data.brain import CLASSES, read_manifest
 from .io import Image, read_image
+from .metrics import dice
 from .models import ModelCard, build_network, sha256
 from .models.grid import ModelGrid, normalise_intensity
 from .settings import get_settings, resolve_device
@@ -125,13 +126,6 @@ def per_class_auroc(probs: np.ndarray, labels: np.ndarray, classes) -> dict[str,
     return out
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two binary arrays; 1.0 when both are empty."""
-    a, b = a.astype(bool), b.astype(bool)
-    s = a.sum() + b.sum()
-    return 1.0 if s == 0 else float(2.0 * (a & b).sum() / s)
-
-
 # ------------------------------------------------------------------------------------ training
 
 def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
@@ -152,7 +146,7 @@ def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
 def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path = Path("runs/train"),
           epochs: int = 30, seed: int = 0, batch_size: int = 4, lr: float = 3e-3, resume: bool = False,
           workers: int = 2) -> Path:
-    """Train ``model`` and write ``<name>.pt`` and ``<name>.json`` into the user weights folder.
+    """Train ``model`` and write ``<name>.pt`` and ``<name>.json`` into ``out_dir``.
 
     Returns the path of the model card written.
     """
@@ -259,9 +253,9 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
     card.training = {"data": str(data_dir), "n_studies": int(len(images)), "epochs": epochs, "seed": seed,
                      "batch_size": batch_size, "lr": lr, "device": str(device),
                      "seconds": round(time.time() - t0, 1), "history": history}
-    wdir = Path(s.user_weights_dir)
-    wdir.mkdir(parents=True, exist_ok=True)
-    wpath = wdir / f"{model}.pt"
+    # Written next to the checkpoints, not into a weights folder that load() searches: a local run
+    # must not shadow the shipped model. Shipping it is a deliberate copy (see docs/model_card.md).
+    wpath = out_dir / f"{model}.pt"
     torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, wpath)
     card.weights_sha256 = sha256(wpath)
     card_path = wpath.with_suffix(".json")

@@ -11,7 +11,6 @@ pipeline stages), since a torch call cannot be interrupted from another thread.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import uuid
@@ -28,6 +27,7 @@ log = logging.getLogger("xai.jobs")
 # Request keys the infer tasks read besides the user's parameters.
 PROGRESS_KEY = "xai_progress"
 IMAGE_ID_KEY = "xai_image_id"
+WANTS_FILE_KEY = "xai_wants_file"  # False: the reply is JSON only, skip the response copy of the file
 
 InferFn = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -111,13 +111,11 @@ class JobManager:
             job.stage, job.progress = stage, max(job.progress, float(fraction))
 
         request = {**job.params, "model": job.task, "image": job.image, PROGRESS_KEY: progress,
-                   IMAGE_ID_KEY: job.image}
+                   IMAGE_ID_KEY: job.image, WANTS_FILE_KEY: False}
         try:
             if self.infer is None:
                 raise RuntimeError("job manager is not bound to an app")
             out = self.infer(request)
-            if out.get("file") and os.path.exists(out["file"]):
-                os.remove(out["file"])  # the job's files are the result's artifacts; no response copy
             with self._lock:
                 job.result = out.get("params")
                 self._finish(job, "done")

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,12 @@ class ResultStore:
 
     def _prune(self) -> None:
         with self._lock:
+            # A response copy outlives its request only when the client went away before it was sent.
+            if self.outgoing.is_dir():
+                stale = time.time() - 3600
+                for p in self.outgoing.iterdir():
+                    if p.stat().st_mtime < stale:
+                        p.unlink(missing_ok=True)
             dirs = [p for p in self.root.iterdir() if p.is_dir() and RESULT_ID.match(p.name)]
             if len(dirs) <= self.keep:
                 return

@@ -6,6 +6,7 @@ code and the HTTP wrapper reach.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -43,8 +44,9 @@ class XAIRuntime:
 
 def _configure_torch(device: torch.device) -> None:
     s = get_settings()
-    if s.num_threads:
-        torch.set_num_threads(s.num_threads)
+    # By default the model leaves one core to the event loop: torch's threads spin between parallel
+    # regions, and with every core busy /info/ would wait for the scheduler.
+    torch.set_num_threads(s.num_threads or max(1, (os.cpu_count() or 1) - 1))
     if device.type == "cuda":
         # Full float32 on the GPU: TF32 convolutions keep 10 mantissa bits, enough to reorder
         # near-equal saliency voxels around the mask thresholds (see docs/server.md).

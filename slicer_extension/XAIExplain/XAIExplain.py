@@ -7,13 +7,11 @@ scene and HTTP logic live in ``XAIExplainLib`` (no Qt), which the tests run with
 """
 
 import logging
-import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-import ctk  # noqa: F401  (loads the CTK widget classes the .ui file names)
 import qt
 import slicer
 import vtk
@@ -24,10 +22,9 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
-
 from XAIExplainLib import __version__, report
 from XAIExplainLib.client import VQA_TASK, XAIClient
-from XAIExplainLib.jobs import BackgroundCall, ExplanationRun
+from XAIExplainLib.jobs import BackgroundCall, ExplanationRun, upload_image
 from XAIExplainLib.scene import XAIScene
 
 SETTINGS_URL_KEY = "XAIExplain/serverUrl"
@@ -98,12 +95,6 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
         return bool(self.client) and self.client.has_task(VQA_TASK, self.info)
 
     # upload
-    @staticmethod
-    def imageIdFor(volumeNode):
-        """Datastore id of a volume: its name, restricted to characters every server accepts."""
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", volumeNode.GetName()).strip("._") or "volume"
-        return f"slicer_{safe}"[:100]
-
     def prepareUpload(self, volumeNode):
         """``(image id, file to upload or None)``. The file is written here on the GUI thread (MRML is
         not thread-safe); the worker uploads it. Unchanged volumes are not sent again."""
@@ -111,7 +102,7 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
         known = self._uploaded.get(volumeNode.GetID())
         if known and known[0] == stamp:
             return known[1], None
-        imageId = self.imageIdFor(volumeNode)
+        imageId = self.xscene.content_id(volumeNode)
         path = self.xscene.write_volume(volumeNode, self.workdir / "upload" / f"{imageId}.nii.gz")
         self._uploaded[volumeNode.GetID()] = (stamp, imageId)
         return imageId, path
@@ -125,7 +116,7 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
         outDir = Path(tempfile.mkdtemp(prefix=f"{task}_", dir=self.workdir))
         kwargs = {"artifacts": artifacts} if artifacts else {}
         return ExplanationRun(self.client, task, params, outDir, image_id=imageId, image_path=path,
-                              **kwargs).start()
+                              reuse_existing=True, **kwargs).start()
 
     def showResult(self, state, volumeNode, opacity, threshold, name=None, files=None):
         files = {k: str(v) for k, v in (files if files is not None else state.files).items()}
@@ -245,6 +236,9 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def busy(self):
         return self.run is not None
 
+    def pending(self, what):
+        return any(call.what == what for call, _ in self.calls)
+
     def updateButtons(self, *unused):
         connected = self.logic is not None and self.logic.client is not None
         volume = self.ui.inputVolumeSelector.currentNode()
@@ -252,13 +246,14 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                          and self.ui.methodComboBox.count > 0)
         self.ui.askButton.enabled = connected and volume is not None and not self.busy() and self.logic.hasVqa()
         self.ui.cancelButton.enabled = self.busy()
-        self.ui.connectButton.enabled = not self.busy()
-        self.ui.saveLabelButton.enabled = (connected and volume is not None
+        self.ui.connectButton.enabled = not self.busy() and not self.pending("connect")
+        self.ui.saveLabelButton.enabled = (connected and volume is not None and not self.pending("label upload")
                                            and self.ui.segmentEditorWidget.segmentationNode() is not None)
 
     def startCall(self, call, onDone):
         self.calls.append((call.start(), onDone))
         self.timer.start()
+        self.updateButtons()
 
     def onTimer(self):
         # Python threads only run while this thread gives up the GIL; a short sleep makes sure the
@@ -288,7 +283,6 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverStatusLabel.text = str(e)
             return
         self.ui.serverStatusLabel.text = f"Connecting to {url} ..."
-        self.ui.connectButton.enabled = False
         self.startCall(BackgroundCall(client.info, "connect"), lambda call: self.onConnected(client, call))
 
     def onConnected(self, client, call):
@@ -360,13 +354,11 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "cancelling ..."
 
     def onRunFinished(self, state):
-        if state.status == "cancelled":
-            self.ui.statusLabel.text = "Cancelled."
-            return
-        if state.status == "failed":
-            # The server may have got the upload only partly; send it again next time.
+        if state.status in ("cancelled", "failed"):
+            # The upload may not have happened or finished: offer it again next time (an id the server
+            # already holds is reused, so this costs one request at most).
             self.logic.forgetUpload(self.runVolume)
-            self.ui.statusLabel.text = f"Failed: {state.error}"
+            self.ui.statusLabel.text = "Cancelled." if state.status == "cancelled" else f"Failed: {state.error}"
             return
         try:
             if self.runKind == "vqa":
@@ -449,11 +441,10 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         def upload():
             if uploadPath is not None:  # the volume changed since the explanation: the label belongs to this one
-                client.upload_image(uploadPath, imageId)
+                upload_image(client, uploadPath, imageId, reuse_existing=True)
             return client.upload_label(imageId, labelPath, tag, provenance)
 
         self.ui.saveStatusLabel.text = f"Saving {', '.join(names)} ..."
-        self.ui.saveLabelButton.enabled = False
         self.startCall(BackgroundCall(upload, "label upload"), lambda call: self.onLabelSaved(call, tag))
 
     def onLabelSaved(self, call, tag):

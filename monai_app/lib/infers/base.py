@@ -26,7 +26,7 @@ from monailabel.tasks.infer.basic_infer import BasicInferTask
 from xai_core.io import read_image
 
 from ..errors import BadInput
-from ..jobs import IMAGE_ID_KEY, PROGRESS_KEY
+from ..jobs import IMAGE_ID_KEY, PROGRESS_KEY, WANTS_FILE_KEY
 from ..runtime import XAIRuntime
 
 IMAGE_KEY = "xai_image"
@@ -82,6 +82,12 @@ class XAIInferTask(BasicInferTask):
     def writer(self, data: dict[str, Any], extension=None, dtype=None) -> tuple[Any, Any]:
         return data.get(RESULT_FILE_KEY), data[RESULT_JSON_KEY]
 
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Reject bad parameters before any work is queued (the HTTP layer calls this)."""
+        classes = self.runtime.models.card().get("classes")
+        if classes and "target" in params:
+            parse_target(params["target"], classes)
+
     # -- for subclasses ---------------------------------------------------------------------------
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
@@ -93,16 +99,17 @@ class XAIInferTask(BasicInferTask):
         return fn if callable(fn) else _no_progress
 
     def base_json(self, data: dict[str, Any], result_id: str) -> dict[str, Any]:
-        """Fields every result shares: task, image id, result id and artifact URLs."""
-        return {"task": self.name, "image": data.get(IMAGE_ID_KEY), "result_id": result_id,
-                "artifacts": self.runtime.results.urls(result_id)}
+        """Fields every result starts with: task, image id, result id (:meth:`finish` adds the artifact URLs)."""
+        return {"task": self.name, "image_id": data.get(IMAGE_ID_KEY), "result_id": result_id}
 
     def finish(self, data: dict[str, Any], result_id: str, result: dict[str, Any],
                response_file: str | None) -> None:
+        """Store ``result`` (with its artifact URLs) as ``result.json`` and hand it, and a copy of the
+        artifact ``response_file`` when the reply carries a file, to MONAI Label's writer stage."""
         result["artifacts"] = self.runtime.results.urls(result_id)
         self.runtime.results.write_json(result_id, result)
         data[RESULT_JSON_KEY] = result
-        if response_file:
+        if response_file and data.get(WANTS_FILE_KEY, True):
             data[RESULT_FILE_KEY] = self.runtime.results.outgoing_copy(
                 result_id, response_file, f"{self.name}_{result_id}.nii.gz")
 

@@ -8,6 +8,7 @@ the HTTP response carries: the float32 heatmap (``explanation`` type) or the uin
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -21,10 +22,15 @@ from .base import IMAGE_KEY, Progress, XAIInferTask, parse_target
 
 EXPLANATION_TYPE = "explanation"  # not one of MONAI Label's InferType values: stock viewers skip it
 
+# xai_core.pipeline reports the stage it has reached; a job shows the stage running now.
+RUNNING_STAGE = {"prepare": ("prepare", 0.05), "predict": ("attribute", 0.2), "attribute": ("mask", 0.7),
+                 "done": ("write", 0.9)}
+
 
 def method_description(method: str) -> str:
-    doc = (get_explainer(method).__doc__ or method).strip().splitlines()[0]
-    return doc.rstrip(".")
+    """The explainer docstring's title, e.g. "Grad-CAM (Selvaraju et al. 2017)"."""
+    doc = (get_explainer(method).__doc__ or method).strip().splitlines()[0].replace("``", "")
+    return re.split(r":\s|\.\s+(?=\S*\()", doc, maxsplit=1)[0].rstrip(".")
 
 
 class ExplainTask(XAIInferTask):
@@ -46,8 +52,11 @@ class ExplainTask(XAIInferTask):
         method = self.method_for(data)
         model = self.runtime.models.get()
         target = parse_target(data.get("target"), model.classes)
-        exp = explain(data[IMAGE_KEY], method, target=target, model=model, progress=progress)
-        progress("write", 0.9)
+
+        def running(stage: str, fraction: float) -> None:
+            progress(*RUNNING_STAGE.get(stage, (stage, fraction)))
+
+        exp = explain(data[IMAGE_KEY], method, target=target, model=model, progress=running)
         result_id, folder = self.runtime.results.create()
         write_explanation(exp, folder, overlay=False)
         result = {**self.base_json(data, result_id), **exp.summary()}
@@ -67,6 +76,10 @@ class SaliencyMaskTask(ExplainTask):
             config={"method": default, "target": "predicted"})
         self.methods = methods  # wire name -> xai_core method name
         self.method = methods[default]
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        self.method_for(params)
 
     def method_for(self, data: dict[str, Any]) -> str:
         wire = data.get("method") or self._config["method"]

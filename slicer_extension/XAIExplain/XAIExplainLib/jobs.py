@@ -25,7 +25,7 @@ from .client import (
     file_suffix,
 )
 
-__all__ = ["BackgroundCall", "ExplanationRun", "RunState"]
+__all__ = ["BackgroundCall", "ExplanationRun", "RunState", "upload_image"]
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +66,14 @@ class ExplanationRun:
         image_path: a volume file to upload first; None when the server already has the image.
         poll_interval: seconds between job polls.
         timeout: seconds for the whole run; the job is cancelled on the server when it runs out.
+        reuse_existing: when the server already has ``image_id`` (409 on upload), use it. Only for ids
+            derived from the content (``XAIScene.content_id``): the server never replaces an image.
     """
 
     def __init__(self, client: XAIClient, task: str, params: Mapping[str, Any] | None, out_dir: str | os.PathLike,
                  image_id: str, image_path: str | os.PathLike | None = None, poll_interval: float = 0.5,
-                 timeout: float | None = 900.0, artifacts: tuple[str, ...] = SCENE_ARTIFACTS):
+                 timeout: float | None = 900.0, artifacts: tuple[str, ...] = SCENE_ARTIFACTS,
+                 reuse_existing: bool = False):
         self.client = client.clone()
         self.task = task
         self.params = dict(params or {})
@@ -79,6 +82,7 @@ class ExplanationRun:
         self.poll_interval = poll_interval
         self.timeout = timeout
         self.artifacts = artifacts
+        self.reuse_existing = reuse_existing
         self._state = RunState(image_id=image_id)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
@@ -121,7 +125,7 @@ class ExplanationRun:
             image_id = self._state.image_id or ""
             if self.image_path is not None:
                 self._update(status="uploading", stage="uploading the volume", progress=0.01)
-                image_id = self.client.upload_image(self.image_path, image_id)
+                image_id = upload_image(self.client, self.image_path, image_id, self.reuse_existing)
                 self._update(image_id=image_id, progress=0.05)
             self._check_cancel()
             result = self._explain(image_id, t0)
@@ -190,6 +194,17 @@ class ExplanationRun:
         if names:
             files.update(self.client.download_artifacts(result, self.out_dir, names))
         return files
+
+
+def upload_image(client: XAIClient, path: str | os.PathLike, image_id: str, reuse_existing: bool) -> str:
+    """Upload ``path`` as ``image_id``; with ``reuse_existing``, a server that already holds that id
+    (409) is fine: content-derived ids name the same voxels."""
+    try:
+        return client.upload_image(path, image_id)
+    except ServerRefusedError as e:
+        if reuse_existing and e.status == 409:
+            return image_id
+        raise
 
 
 class BackgroundCall:

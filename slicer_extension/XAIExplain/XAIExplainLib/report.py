@@ -17,6 +17,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
+from datetime import UTC
 from typing import Any
 
 __all__ = [
@@ -176,6 +177,8 @@ def findings_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]
             v = e.get(c)
             if isinstance(v, list):
                 v = ", ".join(region_names(v)) or ", ".join(str(x) for x in v)
+            elif isinstance(v, str) and c in (*_NAME_KEYS, "anatomy", "regions"):
+                v = _pretty(v)
             elif isinstance(v, float):
                 v = f"{v:.4g}"
             row.append("" if v is None else str(v))
@@ -295,7 +298,7 @@ def answer_html(result: Mapping[str, Any]) -> str:
 def label_provenance(result: Mapping[str, Any] | None, task: str | None, segment_names: Sequence[str],
                      user: str | None, client: str, source: str = "corrected_saliency") -> dict[str, Any]:
     """The ``params`` stored with an uploaded label (docs/http_api.md): where the label came from."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     result = result or {}
     model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
@@ -311,5 +314,5 @@ def label_provenance(result: Mapping[str, Any] | None, task: str | None, segment
         "segments": list(segment_names),
         "user": user or None,
         "client": client,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -16,17 +16,18 @@ the storage path against it. Arrays are indexed ``[k, j, i]`` like ``slicer.util
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 from vtk.util import numpy_support
-
-import slicer
 
 from .report import level_segment_names, mask_segment_name
 
@@ -150,6 +151,19 @@ class XAIScene:
         """Same voxel grid: dimensions and IJK→RAS within ``tol`` (mm)."""
         return (a.GetImageData().GetDimensions() == b.GetImageData().GetDimensions()
                 and bool(np.allclose(XAIScene.ijk_to_ras(a), XAIScene.ijk_to_ras(b), atol=tol, rtol=0)))
+
+    def content_id(self, node: Any, prefix: str = "slicer") -> str:
+        """Datastore id of a volume's content: its name plus a hash of voxels, type and geometry.
+
+        The server never replaces an image id, so an edited volume must get a new id, and an unchanged
+        one the same id (no second upload, also after a Slicer restart)."""
+        a = self.array(node)
+        h = hashlib.sha256()
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(np.round(self.ijk_to_ras(node), 6).tobytes())
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", node.GetName() or "").strip("._-")[:60] or "volume"
+        return f"{prefix}_{safe}_{h.hexdigest()[:12]}"
 
     # ------------------------------------------------------------------ files
     def load_volume(self, path: str | os.PathLike, name: str, labelmap: bool = False) -> Any:

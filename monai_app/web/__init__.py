@@ -1,0 +1,1 @@
+"""HTTP wrapper around MONAI Label's FastAPI app: guards, JSON errors, non-blocking routes."""

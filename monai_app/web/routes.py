@@ -1,0 +1,277 @@
+"""Routes the wrapper adds to, or puts in front of, MONAI Label's FastAPI app.
+
+In front (same paths as MONAI Label, so its clients work unchanged):
+
+* ``POST /infer/{task}``: MONAI Label's handler is ``async`` yet runs the model inline, which stops
+  the whole server for the length of an inference. Here the inference runs on the app's model
+  worker thread and the event loop only awaits it; the reply format is MONAI Label's own.
+* ``PUT /datastore/image`` (and the deprecated ``PUT /datastore/``), ``PUT /datastore/label``: the
+  upload is checked with ``xai_core.io`` first; images never replace an existing id; labels keep
+  their earlier versions and get provenance.
+* ``POST /train/{trainer}``: the same call, off the event loop (``run_sync=true`` trains inline).
+
+Added: ``/xai/explain/{task}``, ``/xai/jobs[/{id}]``, ``/xai/results/{id}/{file}`` and
+``/xai/labels/{image}/{tag}/versions[/{file}]`` (see docs/http_api.md).
+
+The app is reached only through ``app_instance()`` (``.xai`` is its runtime), never by import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, BackgroundTasks, Request
+from fastapi.responses import FileResponse, JSONResponse
+from monailabel.endpoints.infer import send_response
+from monailabel.endpoints.train import run_model
+from monailabel.interfaces.utils.app import app_instance
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from .errors import ApiError
+from .guards import id_problem
+from .uploads import check_image, check_label, read_params, save_upload, sha256_of, storable_image
+
+router = APIRouter()
+
+# Keys a client may not set through params: the route decides them.
+RESERVED_PARAMS = {"model", "image", "save_label", "label_tag", "xai_progress", "xai_image_id", "xai_wants_file",
+                   "file", "label"}
+OUTPUTS = {None, "", "all", "json", "image"}
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+
+def _app():
+    return app_instance()
+
+
+def _task(app, name: str):
+    # MONAI Label keeps its tasks in _infers; its info() lists only the valid ones, the same as here.
+    task = app._infers.get(name)
+    if task is None:
+        raise ApiError(404, f"unknown task {name!r}; available: {sorted(app._infers)}")
+    if not task.is_valid():
+        raise ApiError(503, f"task {name!r} cannot run: model {app.xai.options.model!r} has no weights yet")
+    return task
+
+
+def _image_uri(app, image_id: str) -> str:
+    if not image_id:
+        raise ApiError(400, "no image given: pass ?image=<datastore id>")
+    uri = app.datastore().get_image_uri(image_id)
+    if not uri or not os.path.exists(uri):
+        raise ApiError(404, f"unknown image id {image_id!r}: not in the datastore "
+                            "(GET /datastore/?output=all lists the ids)")
+    return uri
+
+
+def _clean_params(task, params: dict[str, Any]) -> dict[str, Any]:
+    clean = {k: v for k, v in params.items() if k not in RESERVED_PARAMS}
+    check = getattr(task, "check_params", None)
+    if check is not None:
+        check(clean)
+    return clean
+
+
+def _check_path_id(value: str, what: str) -> None:
+    problem = id_problem(value, what)
+    if problem:
+        raise ApiError(400, problem)
+
+
+def _upload_dir(app) -> Path:
+    return app.xai.options.state_dir / "uploads"
+
+
+def _form_file(form, field: str) -> UploadFile:
+    upload = form.get(field) if form is not None else None
+    if not isinstance(upload, UploadFile):
+        raise ApiError(422, f"multipart form field {field!r} with the file is missing")
+    return upload
+
+
+async def _in_worker(app, fn, *args):
+    """Run ``fn`` on the model worker; the event loop stays free meanwhile."""
+    return await asyncio.wrap_future(app.xai.submit(fn, *args))
+
+
+def _remove(path: Path | str) -> None:
+    Path(path).unlink(missing_ok=True)
+
+
+# -- inference ----------------------------------------------------------------------------------------
+
+@router.post("/infer/{model}", summary="Run a task on a datastore image or an uploaded volume (MONAI Label API)")
+async def infer(model: str, request: Request, background_tasks: BackgroundTasks, image: str = "",
+                session_id: str = "", output: str | None = None):
+    app = _app()
+    task = _task(app, model)
+    if output not in OUTPUTS:
+        raise ApiError(400, f"output must be one of all, json, image; got {output!r}")
+    params, form = await read_params(request)
+    req = _clean_params(task, params)
+    upload = form.get("file") if form is not None else None
+    if isinstance(upload, UploadFile):
+        path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
+        background_tasks.add_task(_remove, path)
+        await run_in_threadpool(check_image, path, upload.filename)
+        req.update(image=str(path), xai_image_id=None)
+    elif session_id:
+        session = app.sessions().get_session(session_id) if app.sessions() else None
+        if session is None:
+            raise ApiError(404, f"unknown session id {session_id!r}")
+        req.update(image=session.image, xai_image_id=None)
+    else:
+        _image_uri(app, image)
+        req.update(image=image, xai_image_id=image)
+    req.update(model=model, xai_wants_file=output != "json")
+    result = await _in_worker(app, app.infer, req)
+    return send_response(app.datastore(), result, output or None, background_tasks)
+
+
+@router.post("/xai/explain/{task}", status_code=202, summary="Queue a task; poll /xai/jobs/{job_id}")
+async def submit_job(task: str, request: Request, image: str = ""):
+    app = _app()
+    t = _task(app, task)
+    _image_uri(app, image)
+    params, _ = await read_params(request)
+    job = app.xai.jobs.submit(task, image, _clean_params(t, params))
+    return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status, "task": task,
+                                                  "image": image, "url": f"/xai/jobs/{job.id}"})
+
+
+@router.get("/xai/jobs", summary="All remembered jobs (without results)")
+async def list_jobs():
+    return [{k: v for k, v in j.to_json().items() if k != "result"} for j in _app().xai.jobs.list()]
+
+
+@router.get("/xai/jobs/{job_id}", summary="Status, progress and result of a job")
+async def get_job(job_id: str):
+    job = _app().xai.jobs.get(job_id)
+    if job is None:
+        raise ApiError(404, f"unknown job id {job_id!r}")
+    return job.to_json()
+
+
+@router.delete("/xai/jobs/{job_id}", summary="Cancel a queued or running job")
+async def cancel_job(job_id: str):
+    job = _app().xai.jobs.cancel(job_id)
+    if job is None:
+        raise ApiError(404, f"unknown job id {job_id!r}")
+    return job.to_json()
+
+
+@router.get("/xai/results/{result_id}/{name}", summary="Download one artifact of a result")
+async def get_result_file(result_id: str, name: str):
+    path = _app().xai.results.path(result_id, name)
+    if path is None:
+        raise ApiError(404, f"no artifact {name!r} for result {result_id!r} (results are pruned when old)")
+    media = "application/json" if name.endswith(".json") else "application/gzip"
+    return FileResponse(path, media_type=media, filename=f"{result_id[:8]}_{name}")
+
+
+# -- datastore ----------------------------------------------------------------------------------------
+
+@router.put("/datastore/image", summary="Upload a new volume (checked; never replaces an existing id)")
+@router.put("/datastore/", include_in_schema=False)
+async def put_image(request: Request, image: str | None = None):
+    app = _app()
+    params, form = await read_params(request)
+    upload = _form_file(form, "file")
+    image_id = image or Path(upload.filename or "").name.split(".")[0]
+    _check_path_id(image_id, "image")
+    if app.datastore().get_image_uri(image_id):
+        raise ApiError(409, f"image {image_id!r} already exists; upload under another id (nothing is overwritten)")
+    path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
+    try:
+        stored = await run_in_threadpool(storable_image, path, upload.filename)
+        info = {**params, "original_name": os.path.basename(upload.filename or ""),
+                "sha256": await run_in_threadpool(sha256_of, stored),
+                "uploaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        new_id = await run_in_threadpool(app.datastore().add_image, image_id, str(stored), info)
+    finally:
+        _remove(path)
+        _remove(path.with_name(path.name.split(".")[0] + ".nii.gz"))
+    return {"image": new_id}
+
+
+def _provenance(app, image_id: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Label info: the client's params, completed from the result it corrects when ``result_id`` is known."""
+    info = dict(params)
+    info.setdefault("source", "manual")
+    rid = info.get("result_id")
+    if rid:
+        result = app.xai.results.read_json(str(rid))
+        if result is not None:
+            if result.get("image_id") and result["image_id"] != image_id:
+                raise ApiError(422, f"result {rid!r} was computed for image {result['image_id']!r}, "
+                                    f"not {image_id!r}")
+            model = result.get("model") or {}
+            info.setdefault("method", result.get("method"))
+            info.setdefault("task", result.get("task"))
+            info.setdefault("model_version", model.get("version"))
+            info.setdefault("model_name", model.get("name"))
+        info["result_known"] = result is not None
+    return info
+
+
+@router.put("/datastore/label", summary="Save a label with provenance; an earlier one becomes a version")
+async def put_label(request: Request, image: str, tag: str = "final"):
+    app = _app()
+    ds = app.datastore()
+    tag = tag or "final"
+    image_uri = _image_uri(app, image)
+    params, form = await read_params(request)
+    upload = _form_file(form, "label")
+    info = _provenance(app, image, params)
+    path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
+    try:
+        await run_in_threadpool(check_label, path, upload.filename, image_uri)
+        info["sha256"] = await run_in_threadpool(sha256_of, path)
+        label_id = await run_in_threadpool(ds.save_label, image, str(path), tag, info)
+    finally:
+        _remove(path)
+    res = app.on_save_label(image, label_id) or {}
+    version = (await run_in_threadpool(ds.get_label_info, image, tag)).get("version")
+    return {**res, "image": image, "label": label_id, "tag": tag, "version": version}
+
+
+@router.get("/xai/labels/{image}/{tag}/versions", summary="Current and earlier versions of a label")
+async def label_versions(image: str, tag: str):
+    _check_path_id(image, "image")
+    _check_path_id(tag, "tag")
+    ds = _app().datastore()
+    versions = await run_in_threadpool(ds.label_versions, image, tag)
+    current_info = await run_in_threadpool(ds.get_label_info, image, tag)
+    if not versions and not current_info:
+        raise ApiError(404, f"no label with tag {tag!r} for image {image!r}")
+    current = ({"version": current_info.get("version", 1), "info": current_info,
+                "url": f"/datastore/label?label={image}&tag={tag}"} if current_info else None)
+    return {"image": image, "tag": tag, "current": current,
+            "versions": [{**v, "url": f"/xai/labels/{image}/{tag}/versions/{v['file']}"} for v in versions]}
+
+
+@router.get("/xai/labels/{image}/{tag}/versions/{file}", summary="Download an earlier version of a label")
+async def label_version_file(image: str, tag: str, file: str):
+    for value, what in ((image, "image"), (tag, "tag"), (file, "file")):
+        _check_path_id(value, what)
+    path = _app().datastore().label_version_path(image, tag, file)
+    if path is None:
+        raise ApiError(404, f"no version {file!r} of label {tag!r} for image {image!r}")
+    return FileResponse(path, media_type="application/gzip", filename=f"{image}_{tag}_{file}")
+
+
+# -- training -----------------------------------------------------------------------------------------
+
+@router.post("/train/{model}", summary="Start a train task (MONAI Label API), off the event loop")
+async def train(model: str, request: Request, run_sync: bool = False, enqueue: bool = False):
+    app = _app()
+    if model not in app._trainers:
+        raise ApiError(404, f"unknown trainer {model!r}; available: {sorted(app._trainers)}")
+    params, _ = await read_params(request)
+    return await run_in_threadpool(run_model, model, params or None, run_sync, enqueue)

@@ -1,0 +1,266 @@
+"""Structured findings: one versioned, JSON-ready record of what the model said and why.
+
+:func:`build_findings` runs what an explanation still needs to become findings (registration to
+MNI152, atlas labelling of the explanation mask, the counterfactual check) and returns the record
+as a plain dict that validates against :class:`Findings` (``schema_version`` "1.0"). The MONAI
+Label app, the CLI (``xai explain --report``) and the report drafter (:mod:`xai_core.report`) all use
+this one function.
+
+Privacy: the record holds no patient identifiers. :class:`~xai_core.io.Image` carries none (no
+DICOM header fields), and the one free-text field an image has, its ``source`` path, is left out
+(a file or folder name can be a patient's name); geometry, model outputs and derived numbers only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["SCHEMA_VERSION", "Findings", "QualityFlag", "build_findings", "findings_json_schema", "quality_flags"]
+
+SCHEMA_VERSION = "1.0"
+
+# Below this absolute drop of the predicted class's probability the region is said not to carry the
+# prediction (a weak counterfactual): 0.05 is above the jitter of re-predicting a resampled image.
+WEAK_COUNTERFACTUAL_CHANGE = 0.05
+# Above this share of the mask outside every atlas structure, the labels describe little of it.
+MOSTLY_UNLABELLED = 0.5
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StudyGeometry(_Model):
+    """The input grid (ITK order (i, j, k), LPS mm). No file names or header fields."""
+
+    size: list[int] = Field(description="voxels along i, j, k")
+    spacing_mm: list[float]
+    origin_lps_mm: list[float]
+    direction: list[float] = Field(description="row-major 3 x 3, columns are the i, j, k axis directions")
+
+
+class ModelInfo(_Model):
+    name: str
+    version: str
+    weights_sha256: str
+    classes: list[str]
+
+
+class PredictionInfo(_Model):
+    label: str
+    probabilities: dict[str, float] = Field(description="calibrated class probabilities")
+    calibration: str | None = Field(description="calibration method")
+    temperature: float | None
+    lesion_volume_ml_segmentation_head: float
+
+
+class ExplanationInfo(_Model):
+    method: str
+    targets: list[str] = Field(description="explained classes; the first is the primary map")
+    params: dict[str, Any]
+    flat: list[bool] = Field(description="per target: the raw map was flat (no ranking possible)")
+    peak_lps_mm: list[float] = Field(description="primary map's maximum, input space")
+
+
+class MaskStats(_Model):
+    empty: bool
+    reason: str | None
+    voxels: int
+    volume_ml: float
+    fraction_of_brain: float
+    components: int
+    threshold: float | None
+    percentile: float | None
+
+
+class RegistrationInfo(_Model):
+    kind: Literal["affine", "affine+bspline"]
+    metric: str
+    metric_value: float | None
+    ncc: float | None
+    dice: float | None
+    det: float
+    likely_failed: bool
+    reason: str | None
+    seconds: float
+    stop: str
+
+
+class StructureInfo(_Model):
+    name: str = Field(description="Harvard-Oxford name, e.g. Left_Superior_Frontal_Gyrus")
+    label: str
+    lobe: str
+    hemisphere: Literal["left", "right", "midline"]
+    volume_ml: float = Field(description="input-space volume of the region inside the structure")
+    fraction: float = Field(description="share of the region inside the structure")
+    mean_probability: float = Field(description="mean atlas probability (0..1) over the overlap")
+    saliency_share: float | None = Field(description="share of the saliency mass in the structure")
+
+
+class LocationInfo(_Model):
+    atlas: str = "Harvard-Oxford cortical and subcortical, max-probability >= 25 %, on MNI152 1 mm"
+    coordinates: str = "MNI152 RAS mm"
+    region: str = Field(description="which region was labelled, e.g. 'explanation mask'")
+    structures: list[StructureInfo]
+    top_structure: str | None
+    lobes: dict[str, float]
+    hemisphere: Literal["left", "right", "bilateral", "none"]
+    left_fraction: float | None
+    crosses_midline: bool
+    outside_atlas_fraction: float | None
+    centroid_mni_ras_mm: list[float] | None
+    peak_mni_ras_mm: list[float] | None
+    peak_structure: str | None
+    volume_ml: float
+    components: int
+    notes: list[str]
+
+
+class CounterfactualInfo(_Model):
+    status: Literal["done", "skipped"]
+    reason: str | None = None
+    infiller: dict[str, Any] | None = None
+    region_voxels: int | None = None
+    region_ml: float | None = None
+    label_before: str | None = None
+    p_before: float | None = None
+    label_after: str | None = None
+    p_after: float | None = None
+    p_before_class_after: float | None = None
+    change: float | None = None
+    lesion_probability_before: float | None = None
+    lesion_probability_after: float | None = None
+    probabilities_before: dict[str, float] | None = None
+    probabilities_after: dict[str, float] | None = None
+    sentence: str | None = None
+
+
+class QualityFlag(_Model):
+    code: Literal["registration_failed", "empty_mask", "flat_map", "mostly_unlabelled", "weak_counterfactual",
+                  "counterfactual_skipped", "explained_class_not_predicted"]
+    severity: Literal["info", "warning", "error"]
+    message: str
+
+
+class Findings(_Model):
+    """Findings record, version :data:`SCHEMA_VERSION`."""
+
+    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    study: StudyGeometry
+    model: ModelInfo
+    prediction: PredictionInfo
+    explanation: ExplanationInfo
+    mask: MaskStats
+    registration: RegistrationInfo | None
+    location: LocationInfo | None
+    counterfactual: CounterfactualInfo
+    quality_flags: list[QualityFlag]
+    software: dict[str, str]
+
+
+def findings_json_schema() -> dict[str, Any]:
+    """JSON Schema of :class:`Findings` (pydantic's ``model_json_schema``)."""
+    return Findings.model_json_schema()
+
+
+def quality_flags(f: Findings) -> list[QualityFlag]:
+    """The quality flags a findings record calls for (rules in the messages)."""
+    flags = []
+    if f.registration is not None and f.registration.likely_failed:
+        flags.append(QualityFlag(code="registration_failed", severity="error",
+                                 message=f"registration to MNI152 likely failed ({f.registration.reason}); "
+                                         "anatomical labels are unreliable"))
+    if f.explanation.flat and f.explanation.flat[0]:
+        flags.append(QualityFlag(code="flat_map", severity="error",
+                                 message="the saliency map is flat: it ranks no region above another"))
+    if f.mask.empty:
+        flags.append(QualityFlag(code="empty_mask", severity="warning",
+                                 message=f"the explanation mask is empty ({f.mask.reason})"))
+    if f.location is not None and (f.location.outside_atlas_fraction or 0.0) > MOSTLY_UNLABELLED:
+        flags.append(QualityFlag(code="mostly_unlabelled", severity="info",
+                                 message=f"{100 * f.location.outside_atlas_fraction:.0f} % of the region lies "
+                                         "outside every atlas structure (white matter, or outside the brain)"))
+    cf = f.counterfactual
+    if cf.status == "skipped":
+        flags.append(QualityFlag(code="counterfactual_skipped", severity="info",
+                                 message=f"no counterfactual check: {cf.reason}"))
+    elif cf.change is not None and cf.change > -WEAK_COUNTERFACTUAL_CHANGE and cf.label_before != "none":
+        # For a "no lesion" prediction healthy in-fill is expected to change little: no flag.
+        flags.append(QualityFlag(code="weak_counterfactual", severity="warning",
+                                 message=f"in-filling the region changes the probability of {cf.label_before} by "
+                                         f"{cf.change:+.2f} only (less than {WEAK_COUNTERFACTUAL_CHANGE} down): "
+                                         "the region does not carry the prediction"))
+    if f.explanation.targets and f.explanation.targets[0] != f.prediction.label:
+        flags.append(QualityFlag(code="explained_class_not_predicted", severity="info",
+                                 message=f"the map explains {f.explanation.targets[0]}, the model predicts "
+                                         f"{f.prediction.label}"))
+    return flags
+
+
+def build_findings(exp, *, model=None, registration=None, bspline: bool | None = None,
+                   infiller=None, with_counterfactual: bool = True) -> dict[str, Any]:
+    """Findings for an explanation, as a JSON-ready dict that validates against :class:`Findings`.
+
+    Args:
+        exp: a :class:`~xai_core.pipeline.Explanation`.
+        model: the model that made it (re-predicts for the counterfactual); default: loaded by the
+            name on ``exp.model_card`` (``xai_core.models.load``).
+        registration: a :class:`~xai_core.registration.RegistrationResult` of ``exp.image`` when
+            already computed; otherwise the image is registered here (a few seconds).
+        bspline: add the deformable stage when registering here (default: settings).
+        infiller: the counterfactual in-filler (default: :class:`~xai_core.counterfactual.TemplateInFiller`).
+        with_counterfactual: False skips the counterfactual (recorded as skipped).
+
+    Returns:
+        ``Findings.model_dump(mode="json")``.
+    """
+    from .atlas import label_region
+    from .counterfactual import TemplateInFiller, counterfactual
+    from .registration import register_to_mni
+
+    s = exp.summary()
+    card = exp.model_card
+    reg = registration if registration is not None else register_to_mni(exp.image, bspline=bspline)
+    empty = bool(exp.mask.empty) or not bool(exp.mask.mask.any())
+    lab = label_region(exp.mask_image(), reg, exp.primary)
+    location = LocationInfo(region=f"{exp.method} explanation mask of {exp.targets[0]}", **{
+        k: v for k, v in lab.to_dict().items() if k not in ("mni_voxels", "registration_failed")})
+
+    if not with_counterfactual:
+        cf = CounterfactualInfo(status="skipped", reason="not requested")
+    elif empty:
+        cf = CounterfactualInfo(status="skipped", reason="the explanation mask is empty")
+    else:
+        if model is None:
+            from .models import load
+
+            model = load(card["name"])
+        res = counterfactual(exp.image, exp.mask.mask, model, infiller or TemplateInFiller(reg),
+                             prediction=exp.prediction)
+        cf = CounterfactualInfo(status="done", **res.to_dict())
+
+    f = Findings(
+        study=StudyGeometry(size=s["image"]["size"], spacing_mm=[float(v) for v in s["image"]["spacing"]],
+                            origin_lps_mm=[float(v) for v in s["image"]["origin"]],
+                            direction=[float(v) for v in s["image"]["direction"]]),
+        model=ModelInfo(name=card["name"], version=card["version"], weights_sha256=card.get("weights_sha256", ""),
+                        classes=list(card["classes"])),
+        prediction=PredictionInfo(
+            label=s["prediction"]["label"], probabilities=s["prediction"]["probabilities"],
+            calibration=s["prediction"]["calibration"], temperature=s["prediction"]["temperature"],
+            lesion_volume_ml_segmentation_head=s["prediction"]["lesion_volume_ml_segmentation_head"]),
+        explanation=ExplanationInfo(method=exp.method, targets=list(exp.targets), params=s["params"],
+                                    flat=list(s["saliency"]["flat"]), peak_lps_mm=s["saliency"]["peak_lps_mm"]),
+        mask=MaskStats(**{k: s["mask"][k] for k in MaskStats.model_fields}),
+        registration=RegistrationInfo(**_finite(reg.quality())),
+        location=location, counterfactual=cf, quality_flags=[], software=s["software"])
+    f.quality_flags = quality_flags(f)
+    return f.model_dump(mode="json")
+
+
+def _finite(d: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf floats as None: JSON has no NaN."""
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
