@@ -323,14 +323,22 @@ def test_gradcam_matches_monai_on_brain_lesion_net() -> None:
 
     model = tiny_lesion_net(3)
     x = torch.randn(2, 1, 32, 32, 32)
-    ours = get_explainer("gradcam")(model).attribute(x, target="all")
-    ours_pp = get_explainer("gradcam++")(model, variant="monai").attribute(x, target="all")
+    gc, gcpp = get_explainer("gradcam")(model), get_explainer("gradcam++")(model, variant="monai")
+    ours, flat = gc.attribute(x, target="all"), gc.last_flat
+    ours_pp, flat_pp = gcpp.attribute(x, target="all"), gcpp.last_flat
+    compared = 0
     for c in range(4):
         ref = _monai_raw(MonaiGradCAM, ClassLogits(model), "model.encoder_out", x, c)
         ref_pp = _monai_raw(MonaiGradCAMpp, ClassLogits(model), "model.encoder_out", x, c)
         for b in range(2):
-            assert pearson(ours[b, c], ref[b, 0]) > 0.99
-            assert pearson(ours_pp[b, c], ref_pp[b, 0]) > 0.99
+            # A random net leaves some class maps all zero after the ReLU: then MONAI's must be too.
+            for mine, is_flat, theirs in ((ours, flat, ref), (ours_pp, flat_pp, ref_pp)):
+                if bool(is_flat[b, c]):
+                    assert float(theirs[b, 0].max() - theirs[b, 0].min()) <= 1e-6 * float(theirs[b, 0].abs().max() + 1)
+                else:
+                    assert pearson(mine[b, c], theirs[b, 0]) > 0.99
+                    compared += 1
+    assert compared >= 4, "too few non-flat maps to compare"
 
 
 def test_gradcampp_paper_form_matches_monai_where_they_coincide() -> None:

@@ -272,6 +272,7 @@ def test_an_llm_draft_that_passes_the_guard_is_used(spot_case, tmp_path, monkeyp
     text = (f"The model calls a lesion with probability {p:.2f}. It sits in the left middle frontal gyrus.\n"
             "In-filling the region removes the finding.")
     monkeypatch.setattr(report, "_generate", lambda folder, prompt, n: text)
+    (tmp_path / "any-model").mkdir()
     draft = draft_report(findings, llm_dir=tmp_path / "any-model")
     assert draft.backend == "llm" and draft.llm["rejected"] == [] and draft.llm["fallback_reason"] is None
     assert draft.impression[1] == "It sits in the left middle frontal gyrus."

@@ -238,6 +238,8 @@ def label_region(mask: Image, registration: RegistrationResult, saliency: Image 
     mask_mni = sitk.GetArrayFromImage(sitk.Resample(mask_img, ref, registration.resampling_transform(),
                                                     sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
     # The template's i axis is LPS x; the physical x of each i column decides the side.
+    if not np.allclose(np.abs(np.reshape(template.GetDirection(), (3, 3))), np.eye(3)):
+        raise ValueError("the MNI template grid is not axis-aligned; the midline test assumes it is")
     n_i = ref.GetSize()[0]
     x_of_i = np.array([template.TransformIndexToPhysicalPoint([i, 0, 0])[0] for i in range(n_i)])
 

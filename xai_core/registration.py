@@ -28,8 +28,8 @@ Method
   ``registration_bspline_mesh_mm`` (60 mm), same metric and sampling, L-BFGS-B (20 iterations per
   level), levels shrink 2/1 with smoothing 1/0 voxels, on top of the affine.
 
-Time on 2 shared cores: affine about 2 s per study (median 1.9 s, at most 3 s over 22 studies),
-the B-spline stage about 5 s more (``docs/atlas.md``).
+Time on 2 cores shared with a training job, 22 generated studies: affine median 1.9 s (at most
+3.0 s); with the B-spline stage median 9.1 s (at most 10.9 s) (``docs/atlas.md``).
 
 Quality
 -------

@@ -145,10 +145,11 @@ def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
 
 def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path = Path("runs/train"),
           epochs: int = 30, seed: int = 0, batch_size: int = 4, lr: float = 3e-3, resume: bool = False,
-          workers: int = 2) -> Path:
+          workers: int = 2, init: Path | None = None) -> Path:
     """Train ``model`` and write ``<name>.pt`` and ``<name>.json`` into ``out_dir``.
 
-    Returns the path of the model card written.
+    ``init`` starts from the weights of an earlier run (a ``<name>.pt``) with a fresh optimiser and
+    schedule: a second, lower-``lr`` stage. Returns the path of the model card written.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if model not in MODEL_SPECS:
@@ -170,7 +171,11 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
                      grid_spacing_mm=grid.spacing, **spec)
     # channels-last roughly halves the CPU cost of 3-D convolutions (oneDNN's preferred layout).
     fmt = torch.channels_last_3d
-    net = build_network(card).to(device, memory_format=fmt)
+    net = build_network(card)
+    if init is not None:
+        net.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        log.info("initialised from %s", init)
+    net = net.to(device, memory_format=fmt)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
@@ -252,6 +257,7 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
     card.metrics = metrics
     card.training = {"data": str(data_dir), "n_studies": int(len(images)), "epochs": epochs, "seed": seed,
                      "batch_size": batch_size, "lr": lr, "device": str(device),
+                     "init": str(init) if init else None,
                      "seconds": round(time.time() - t0, 1), "history": history}
     # Written next to the checkpoints, not into a weights folder that load() searches: a local run
     # must not shadow the shipped model. Shipping it is a deliberate copy (see docs/model_card.md).
