@@ -33,6 +33,16 @@ def model_json(model: LesionModel) -> dict[str, Any]:
     return {"name": model.card.name, "version": model.card.version, "weights_sha256": model.card.weights_sha256}
 
 
+def predict_with_progress(runtime: XAIRuntime, data: dict[str, Any], progress: Progress):
+    """The current model, the request's image, its prediction and the seconds it took."""
+    progress("load", 0.0)
+    model = runtime.models.get()
+    image = data[IMAGE_KEY]
+    pred, seconds = timed(lambda: model.predict(image))
+    progress("write", 0.9)
+    return model, image, pred, seconds
+
+
 class ClassifyTask(XAIInferTask):
     """Calibrated class probabilities; the reply is JSON only."""
 
@@ -41,11 +51,7 @@ class ClassifyTask(XAIInferTask):
                          description="Lesion class with calibrated probabilities (JSON only)")
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        progress("load", 0.0)
-        model = self.runtime.models.get()
-        image = data[IMAGE_KEY]
-        pred, seconds = timed(lambda: model.predict(image))
-        progress("write", 0.9)
+        model, image, pred, seconds = predict_with_progress(self.runtime, data, progress)
         result_id, _ = self.runtime.results.create()
         result = {**self.base_json(data, result_id), "prediction": prediction_json(pred, model, image),
                   "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
@@ -61,11 +67,7 @@ class SegmentTask(XAIInferTask):
                          description="Lesion mask of the model's segmentation head (uint8 0/1, input grid)")
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        progress("load", 0.0)
-        model = self.runtime.models.get()
-        image = data[IMAGE_KEY]
-        pred, seconds = timed(lambda: model.predict(image))
-        progress("write", 0.9)
+        model, image, pred, seconds = predict_with_progress(self.runtime, data, progress)
         result_id, folder = self.runtime.results.create()
         write_image(pred.lesion_mask, folder / "mask.nii.gz")
         write_image(pred.lesion_probability, folder / "probability.nii.gz")
