@@ -80,3 +80,32 @@ def test_gradcampp_masks_overlap_the_lesions(heldout_studies, default_model):
         exp = explain(read_image(r["image"]), "gradcam++", target=r["label"], model=default_model)
         dices.append(dice(exp.mask.mask, read_mask(r["mask"]).array))
     assert np.mean(dices) >= 0.40, dices
+
+
+def test_model_eval_figures_agree_with_the_predictions(heldout_studies, default_model, predictions, tmp_path):
+    """``xai model-eval`` (via ``model_accuracy``) reports per-class figures consistent with the model's
+    own predictions, and ``--card`` writes them into a card as ``metrics.heldout``."""
+    from pathlib import Path
+
+    from xai_core.cli import main
+    from xai_core.evaluate import model_accuracy
+
+    folder = Path(heldout_studies[0]["mask"]).parent.parent
+    res = model_accuracy(folder, default_model, limit=6)
+    first = predictions[:6]
+    assert res["n"] == 6
+    assert res["accuracy"] == pytest.approx(np.mean([p.label == r["label"] for r, _, p in first]))
+    for name, acc in res["accuracy_per_class"].items():
+        sel = [p.label == r["label"] for r, _, p in first if r["label"] == name]
+        assert acc == pytest.approx(np.mean(sel))
+    assert "none" not in res["dice_per_class"]
+    assert all(0.0 <= v <= 1.0 for v in res["auroc"].values() if not np.isnan(v))
+    assert 0.0 <= res["ece_calibrated"] <= 1.0
+
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"name": "brain-lesion-3d", "metrics": {"validation": {"n": 1}}}))
+    assert main(["model-eval", "brain-lesion-3d", "--data", str(folder), "--limit", "2", "--card", str(card),
+                 "--card-data", "fixture"]) == 0
+    written = json.loads(card.read_text())
+    assert written["metrics"]["validation"] == {"n": 1}
+    assert written["metrics"]["heldout"]["n"] == 2 and written["metrics"]["heldout"]["data"] == "fixture"

@@ -84,9 +84,21 @@ def _cmd_model_eval(a: argparse.Namespace) -> int:
 
     model = load(a.model)
     res = model_accuracy(a.data, model, limit=a.limit)
-    print(json.dumps({k: v for k, v in res.items() if k != "per_study"}, indent=2))
+    summary = {k: v for k, v in res.items() if k != "per_study"}
+    print(json.dumps(summary, indent=2))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=2))
+    if a.card:
+        # Held-out figures belong in the card that ships with the weights; the caller names the card
+        # (a training run's), so evaluation never edits the shipped folder behind anyone's back.
+        card_path = Path(a.card)
+        card = json.loads(card_path.read_text())
+        card.setdefault("metrics", {})["heldout"] = {
+            "data": a.card_data or str(a.data), "command": " ".join(["xai", "model-eval", a.model, "--data",
+                                                                     str(a.data)]), **summary}
+        tmp = card_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(card, indent=2))
+        tmp.replace(card_path)
     return 0
 
 
@@ -137,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--data", required=True)
     me.add_argument("--limit", type=int, default=None)
     me.add_argument("--out", default=None, help="JSON file for the per-study results")
+    me.add_argument("--card", default=None, help="write the figures into this model card JSON as metrics.heldout")
+    me.add_argument("--card-data", default=None, help="how the studies were made, for the card")
     me.set_defaults(func=_cmd_model_eval)
 
     from .explain import available_methods

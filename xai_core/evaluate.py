@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from .data.brain import read_manifest
 from .io import Image, read_image
-from .metrics import auprc, bootstrap_ci, dice, iou, pointing_game
+from .metrics import auprc, bootstrap_ci, dice, expected_calibration_error, iou, per_class_auroc, pointing_game
 from .models import LesionModel
 from .models import load as load_model
 from .pipeline import explain
@@ -94,19 +94,33 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
 
 
 def model_accuracy(data_dir: str | Path, model: LesionModel | None = None, limit: int | None = None) -> dict:
-    """Classification accuracy and mean segmentation-head Dice (lesion studies) on the input grid."""
+    """Classification and segmentation-head figures of ``model`` on the studies of ``data_dir``, on
+    each study's input grid: accuracy (overall and per class), mean lesion Dice (overall and per
+    class, lesion studies only), one-vs-rest AUROC per class and the calibrated top-label ECE."""
     model = model or load_model("brain-lesion-3d")
     rows = read_manifest(data_dir)[:limit]
-    correct, dices, per = 0, [], []
+    per = []
     for r in rows:
         pred = model.predict(read_image(r["image"]))
-        ok = pred.label == r["label"]
-        correct += ok
         d = None
         if r["label"] != "none":
             d = dice(pred.lesion_mask.array, read_mask(r["mask"]).array)
-            dices.append(d)
         per.append({"study_id": r["study_id"], "label": r["label"], "predicted": pred.label, "dice": d,
                     "probabilities": [float(p) for p in pred.probabilities]})
-    return {"n": len(rows), "accuracy": correct / max(len(rows), 1),
-            "mean_dice": float(np.mean(dices)) if dices else float("nan"), "per_study": per}
+    classes = list(model.classes)
+    labels = np.array([classes.index(p["label"]) for p in per], dtype=int)
+    probs = np.array([p["probabilities"] for p in per], dtype=float).reshape(len(per), len(classes))
+    correct = np.array([p["predicted"] == p["label"] for p in per], dtype=bool)
+    dices = [p["dice"] for p in per if p["dice"] is not None]
+    present = [c for c in classes if any(p["label"] == c for p in per)]
+    return {
+        "n": len(per),
+        "accuracy": float(correct.mean()) if per else float("nan"),
+        "mean_dice": float(np.mean(dices)) if dices else float("nan"),
+        "accuracy_per_class": {c: float(correct[labels == classes.index(c)].mean()) for c in present},
+        "dice_per_class": {c: float(np.mean([p["dice"] for p in per if p["label"] == c]))
+                           for c in present if c != "none"},
+        "auroc": per_class_auroc(probs, labels, classes) if per else {},
+        "ece_calibrated": expected_calibration_error(probs, labels) if per else float("nan"),
+        "per_study": per,
+    }

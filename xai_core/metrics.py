@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["dice", "iou", "auprc", "pointing_game", "bootstrap_ci"]
+__all__ = ["dice", "iou", "auprc", "pointing_game", "bootstrap_ci", "expected_calibration_error",
+           "per_class_auroc"]
 
 
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -67,3 +68,28 @@ def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0)
     means = v[rng.integers(0, v.size, (n_boot, v.size))].mean(axis=1)
     lo, hi = np.percentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(v.mean()), float(lo), float(hi)
+
+
+# ---------------------------------------------------------------------- classification
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
+    """Top-label expected calibration error of ``probs (N, C)`` against integer ``labels (N,)``, with
+    equal-width confidence bins."""
+    conf, pred = probs.max(1), probs.argmax(1)
+    ece = 0.0
+    for lo in np.linspace(0, 1, bins, endpoint=False):
+        sel = (conf > lo) & (conf <= lo + 1.0 / bins)
+        if sel.any():
+            ece += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
+    return float(ece)
+
+
+def per_class_auroc(probs: np.ndarray, labels: np.ndarray, classes) -> dict[str, float]:
+    """One-vs-rest AUROC per class name (NaN for a class absent from ``labels`` or the only one)."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for c, name in enumerate(classes):
+        y = (labels == c).astype(int)
+        out[name] = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else float("nan")
+    return out

@@ -25,7 +25,7 @@ from monai.losses import DiceCELoss
 
 from .data.brain import CLASSES, read_manifest
 from .io import Image, read_image
-from .metrics import dice
+from .metrics import dice, expected_calibration_error, per_class_auroc
 from .models import ModelCard, build_network, sha256
 from .models.grid import ModelGrid, normalise_intensity
 from .settings import get_settings, resolve_device
@@ -96,17 +96,6 @@ def augment(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> tuple[torch
 
 # ------------------------------------------------------------------------------------ metrics
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 10) -> float:
-    """Top-label ECE with equal-width confidence bins."""
-    conf, pred = probs.max(1), probs.argmax(1)
-    ece = 0.0
-    for lo in np.linspace(0, 1, bins, endpoint=False):
-        sel = (conf > lo) & (conf <= lo + 1.0 / bins)
-        if sel.any():
-            ece += sel.mean() * abs((pred[sel] == labels[sel]).mean() - conf[sel].mean())
-    return float(ece)
-
-
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising validation NLL (1-D search over log T; robust, no optimiser state)."""
     lt = torch.from_numpy(logits).double()
@@ -114,16 +103,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 200))
     nll = [F.cross_entropy(lt / t, y).item() for t in grid]
     return float(grid[int(np.argmin(nll))])
-
-
-def per_class_auroc(probs: np.ndarray, labels: np.ndarray, classes) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    out = {}
-    for c, name in enumerate(classes):
-        y = (labels == c).astype(int)
-        out[name] = float(roc_auc_score(y, probs[:, c])) if 0 < y.sum() < len(y) else float("nan")
-    return out
 
 
 # ------------------------------------------------------------------------------------ training

@@ -11,7 +11,7 @@ Lesion classes (index = model class index):
  0    ``none``        no lesion
  1    ``glioma``      intra-axial irregular hypointense mass, necrotic core, surrounding oedema
  2    ``meningioma``  extra-axial dural-based homogeneous hyperintense mass at the brain surface
- 3    ``metastasis``  1-3 small ring lesions (bright rim, dark core) with thin oedema
+ 3    ``metastasis``  1-3 ring lesions, 7-10 mm radius, bright rim, dark core, wide oedema
 ====  ==============  ===================================================================
 
 The ground-truth mask is the lesion proper (mass with core, or the ring lesions); oedema is
@@ -118,13 +118,15 @@ def _render(kind: str, center, radius, shape, wm, rng) -> _Lesion:
     if kind == "metastasis":
         d = _normalised_distance(bshape, local_c, radius, rng, roughness=0.08)
         lesion = d < 1.0
-        rim = lesion & (d >= 0.55)
-        core = d < 0.55
+        rim = lesion & (d >= 0.45)
+        core = d < 0.45
         value = np.ones(bshape, np.float32)
-        ring_oedema = (d >= 1.0) & (d < 1.5)
-        value[ring_oedema] = 0.85
-        value[rim] = wm * (1.45 + 0.05 * tex[rim])
-        value[core] = wm * (0.30 + 0.04 * tex[core])
+        # Metastases carry vasogenic oedema out of proportion to their size; without it a 7 mm ring
+        # averages to white-matter intensity on the model's 3 mm grid and is invisible there.
+        ring_oedema = (d >= 1.0) & (d < 1.8)
+        value[ring_oedema] = 0.78 + 0.04 * tex[ring_oedema]
+        value[rim] = wm * (1.6 + 0.05 * tex[rim])
+        value[core] = wm * (0.35 + 0.04 * tex[core])
         return _Lesion(value, lesion, lesion, box)
     raise ValueError(f"unknown lesion kind {kind!r}")
 
@@ -232,7 +234,7 @@ def make_study(seed: int, index: int, label: str | None = None) -> tuple[Image, 
         n = int(rng.integers(1, 4)) if label == "metastasis" else 1
         for _ in range(n):
             radius = {"glioma": rng.uniform(11, 18), "meningioma": rng.uniform(10, 16),
-                      "metastasis": rng.uniform(5.5, 8.5)}[label]
+                      "metastasis": rng.uniform(7.0, 10.0)}[label]
             _, center = _pick_site(label, rng, brain, depth, atlas.labels, len(atlas.names), radius)
             les = _render(label, center, radius, t.shape, wm, rng)
             region = out[les.box]
