@@ -38,7 +38,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     train(a.model, Path(a.data), val_dir=Path(a.val) if a.val else None, out_dir=Path(a.out),
           epochs=a.epochs, seed=a.seed, resume=a.resume, lr=a.lr,
-          init=Path(a.init) if a.init else None)
+          init=Path(a.init) if a.init else None, version=a.version)
     return 0
 
 
@@ -142,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
     tr.add_argument("--init", default=None, help="start from these weights (.pt of an earlier run)")
+    tr.add_argument("--version", default="1.0.0", help="model version written into the card")
     tr.set_defaults(func=_cmd_train)
 
     me = sub.add_parser("model-eval", help="accuracy and segmentation Dice of a model on studies")

@@ -36,7 +36,7 @@ MODEL_SPECS = {
     "brain-lesion-3d": dict(
         architecture="BrainLesionNet",
         arch_kwargs=dict(spatial_dims=3, in_channels=1, num_classes=len(CLASSES), seg_channels=2,
-                         channels=[8, 16, 32, 64]),
+                         channels=[8, 16, 32, 64], deep_supervision=True),
         cam_layer="encoder_out",
     ),
 }
@@ -107,6 +107,12 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 # ------------------------------------------------------------------------------------ training
 
+def _coarse(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Lesion labels ``(B, K, J, I)`` reduced to the grid of ``like`` ``(B, C, k, j, i)``: a cell is
+    lesion when any voxel in it is, so that 5 mm metastases are not lost. Returns ``(B, 1, k, j, i)``."""
+    return F.adaptive_max_pool3d(m[:, None].float(), like.shape[2:]).long()
+
+
 def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
     net.eval()
     logits, dices = [], []
@@ -124,11 +130,14 @@ def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
 
 def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path = Path("runs/train"),
           epochs: int = 30, seed: int = 0, batch_size: int = 4, lr: float = 3e-3, resume: bool = False,
-          workers: int = 2, init: Path | None = None) -> Path:
+          workers: int = 2, init: Path | None = None, version: str = "1.0.0",
+          deep_supervision_weight: float = 0.5) -> Path:
     """Train ``model`` and write ``<name>.pt`` and ``<name>.json`` into ``out_dir``.
 
     ``init`` starts from the weights of an earlier run (a ``<name>.pt``) with a fresh optimiser and
-    schedule: a second, lower-``lr`` stage. Returns the path of the model card written.
+    schedule: a second, lower-``lr`` stage. ``deep_supervision_weight`` weighs the coarse lesion loss
+    on the last encoder stage (architectures built with ``deep_supervision=True``). Returns the path
+    of the model card written.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if model not in MODEL_SPECS:
@@ -146,7 +155,7 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
     val = load_on_grid(val_dir, out_dir / "cache_val.npz", grid, workers) if val_dir else None
 
     torch.manual_seed(seed)
-    card = ModelCard(name=model, version="1.0.0", classes=list(CLASSES), grid_size=grid.size,
+    card = ModelCard(name=model, version=version, classes=list(CLASSES), grid_size=grid.size,
                      grid_spacing_mm=grid.spacing, **spec)
     # channels-last roughly halves the CPU cost of 3-D convolutions (oneDNN's preferred layout).
     fmt = torch.channels_last_3d
@@ -192,6 +201,9 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
             l_cls = F.cross_entropy(out.class_logits, y, weight=cls_w)
             l_seg = seg_loss(out.seg_logits, m[:, None])
             loss = l_cls + l_seg
+            if out.encoder_seg_logits is not None:
+                aux = out.encoder_seg_logits
+                loss = loss + deep_supervision_weight * seg_loss(aux, _coarse(m, aux))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -236,7 +248,7 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
     card.metrics = metrics
     card.training = {"data": str(data_dir), "n_studies": int(len(images)), "epochs": epochs, "seed": seed,
                      "batch_size": batch_size, "lr": lr, "device": str(device),
-                     "init": str(init) if init else None,
+                     "init": str(init) if init else None, "deep_supervision_weight": deep_supervision_weight,
                      "seconds": round(time.time() - t0, 1), "history": history}
     # Written next to the checkpoints, not into a weights folder that load() searches: a local run
     # must not shadow the shipped model. Shipping it is a deliberate copy (see docs/model_card.md).
