@@ -1,9 +1,9 @@
 """The shipped default model on fresh held-out studies (a seed never used in training).
 
-The model card states the full figures on 30 held-out studies (accuracy 0.83, mean lesion Dice 0.75:
-below the 0.90 accuracy target, all misses are metastases called 'none'). These tests check the 12
-studies of the ``heldout_studies`` fixture, where the shipped model measured accuracy 1.00, Dice 0.82
-and Grad-CAM++ mask Dice 0.46; thresholds sit a little below those measurements.
+The model card states the full figures on 30 held-out studies (accuracy 1.00, mean lesion Dice 0.88;
+Grad-CAM++ mask Dice 0.58 in docs/benchmarks.md). These tests check the 12 studies of the
+``heldout_studies`` fixture, where the shipped model measured accuracy 1.00, Dice 0.86 and Grad-CAM++
+mask Dice 0.58; thresholds are the issue's targets or sit a little below those measurements.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def test_heldout_segmentation_dice_on_the_input_grid(predictions):
         if r["label"] != "none":
             dices.append(dice(p.lesion_mask.array, read_mask(r["mask"]).array))
     assert len(dices) >= 4
-    assert np.mean(dices) >= 0.60, dices
+    assert np.mean(dices) >= 0.75, dices
 
 
 def test_probabilities_are_calibrated_softmax(predictions, default_model):
@@ -72,14 +72,14 @@ def test_probabilities_are_calibrated_softmax(predictions, default_model):
 
 
 def test_gradcampp_masks_overlap_the_lesions(heldout_studies, default_model):
-    """Grad-CAM++ masks from the default model overlap the lesions (issue target 0.5; measured 0.46)."""
+    """Grad-CAM++ masks from the default model reach the issue's mean Dice of 0.5 (measured 0.58)."""
     dices = []
     for r in heldout_studies:
         if r["label"] == "none":
             continue
         exp = explain(read_image(r["image"]), "gradcam++", target=r["label"], model=default_model)
         dices.append(dice(exp.mask.mask, read_mask(r["mask"]).array))
-    assert np.mean(dices) >= 0.40, dices
+    assert np.mean(dices) >= 0.50, dices
 
 
 def test_model_eval_figures_agree_with_the_predictions(heldout_studies, default_model, predictions, tmp_path):

@@ -36,7 +36,7 @@ MODEL_SPECS = {
     "brain-lesion-3d": dict(
         architecture="BrainLesionNet",
         arch_kwargs=dict(spatial_dims=3, in_channels=1, num_classes=len(CLASSES), seg_channels=2,
-                         channels=[8, 16, 32, 64], deep_supervision=True),
+                         channels=[8, 16, 32, 64], lesion_gate=True),
         cam_layer="encoder_out",
     ),
 }
@@ -97,12 +97,16 @@ def augment(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> tuple[torch
 # ------------------------------------------------------------------------------------ metrics
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """Temperature minimising validation NLL (1-D search over log T; robust, no optimiser state)."""
+    """Temperature minimising validation NLL (1-D search over log T in 0.25..8; robust, no optimiser
+    state). When every validation study is classified right the NLL keeps falling as T -> 0 and the
+    search ends on its lower edge: that would sharpen every probability towards 0 or 1 on the word of
+    a set with no errors, so the temperature stays 1 (uncalibrated) instead."""
     lt = torch.from_numpy(logits).double()
     y = torch.from_numpy(labels)
     grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 200))
     nll = [F.cross_entropy(lt / t, y).item() for t in grid]
-    return float(grid[int(np.argmin(nll))])
+    best = int(np.argmin(nll))
+    return 1.0 if best == 0 else float(grid[best])
 
 
 # ------------------------------------------------------------------------------------ training

@@ -6,8 +6,10 @@ Shapes (3-D, default channels ``(8, 16, 32, 64)``, input ``(B, 1, 64, 64, 64)``)
     down1   ResidualUnit stride 2   (B, 16, 32, 32, 32)
     down2   ResidualUnit stride 2   (B, 32, 16, 16, 16)
     encoder_out  ResidualUnit dil 2 (B, 64, 16, 16, 16)   <- last encoder stage, default CAM layer
+                 (lesion_gate=True: encoder_body is the ResidualUnit, encoder_out = its output times the
+                 lesion probability of encoder_seg, see LesionGate)
     classifier   avg+max pool, linear  -> class logits (B, num_classes)
-    encoder_seg  1x1 conv (deep_supervision=True) -> coarse lesion logits (B, seg_channels, 16, 16, 16)
+    encoder_seg  1x1 conv (deep_supervision or lesion_gate) -> coarse lesion logits (B, 2, 16, 16, 16)
     dec2 (16^3) -> up -> dec1 (32^3) -> up -> 1x1 head with stem features
                                     -> segmentation logits (B, seg_channels, 64, 64, 64)
 
@@ -38,7 +40,8 @@ class BrainLesionNet(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 4,
                  seg_channels: int = 2, channels: tuple[int, int, int, int] = (8, 16, 32, 64),
                  norm: str = "BATCH", act: str | tuple = ("LEAKYRELU", {"negative_slope": 0.01}),
-                 dropout: float = 0.1, deep_supervision: bool = False):
+                 dropout: float = 0.1, deep_supervision: bool = False,
+                 lesion_gate: bool = False, gate_floor: float = 0.1):
         super().__init__()
         c0, c1, c2, c3 = channels
         sd = spatial_dims
@@ -50,8 +53,14 @@ class BrainLesionNet(nn.Module):
         self.down2 = ResidualUnit(sd, c1, c2, strides=2, norm=norm, act=act)
         # Post-activation ReLU: CAM methods (Grad-CAM++ above all) assume non-negative activations,
         # and a residual sum alone can go negative.
-        self.encoder_out = nn.Sequential(
+        body = nn.Sequential(
             ResidualUnit(sd, c2, c3, strides=1, norm=norm, act=act, dilation=2, subunits=1), nn.ReLU())
+        self.lesion_gate = lesion_gate
+        if lesion_gate:
+            self.encoder_body = body
+            self.encoder_out = LesionGate(gate_floor)
+        else:
+            self.encoder_out = body
         pool = nn.AdaptiveAvgPool3d(1) if sd == 3 else nn.AdaptiveAvgPool2d(1)
         mpool = nn.AdaptiveMaxPool3d(1) if sd == 3 else nn.AdaptiveMaxPool2d(1)
         self.avg_pool, self.max_pool = pool, mpool
@@ -66,21 +75,45 @@ class BrainLesionNet(nn.Module):
                                       Convolution(sd, c0, seg_channels, kernel_size=1, conv_only=True))
         # Deep supervision of the last encoder stage with a coarse lesion map: the skip connections let
         # the decoder localise without it, and then the stage CAM methods read carries lesion evidence
-        # smeared over the volume (Grad-CAM++ masks of Dice 0.3 against the lesion).
+        # smeared over the volume. The gate needs that map.
         self.encoder_seg = (Convolution(sd, c3, seg_channels, kernel_size=1, conv_only=True)
-                            if deep_supervision else None)
+                            if deep_supervision or lesion_gate else None)
 
     def forward(self, x: torch.Tensor) -> LesionOutput:
         e0 = self.stem(x)
         e1 = self.down1(e0)
         e2 = self.down2(e1)
-        e3 = self.encoder_out(e2)
+        if self.lesion_gate:
+            h = self.encoder_body(e2)
+            lesion = self.encoder_seg(h)
+            e3 = self.encoder_out(h, lesion)
+        else:
+            h = e3 = self.encoder_out(e2)
+            lesion = self.encoder_seg(e3) if self.encoder_seg is not None else None
         pooled = torch.cat([self.avg_pool(e3).flatten(1), self.max_pool(e3).flatten(1)], dim=1)
         logits = self.classifier(pooled)
-        d2 = self.dec2(torch.cat([e3, e2], dim=1))
+        # The decoder reads the ungated features: segmentation keeps the whole context.
+        d2 = self.dec2(torch.cat([h, e2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
         seg = self.seg_head(torch.cat([self.up0(d1), e0], dim=1))
-        return LesionOutput(logits, seg, self.encoder_seg(e3) if self.encoder_seg is not None else None)
+        return LesionOutput(logits, seg, lesion)
+
+
+class LesionGate(nn.Module):
+    """``features (B, C, *S) * (floor + (1 - floor) * p_lesion (B, 1, *S))``, with ``p_lesion`` the
+    softmax lesion probability of the coarse lesion logits ``(B, 2, *S)``: the classifier sees evidence
+    inside the lesion map at full weight and elsewhere at ``floor`` (as in attention branch networks,
+    Fukui et al., CVPR 2019). Its output is the default CAM layer, so class activation maps are
+    concentrated where the model found a lesion. The floor keeps a gradient flowing to the features
+    everywhere: without it the stage died during training (classification loss back to ln 4)."""
+
+    def __init__(self, floor: float = 0.1):
+        super().__init__()
+        self.floor = floor
+
+    def forward(self, features: torch.Tensor, lesion_logits: torch.Tensor) -> torch.Tensor:
+        p = torch.softmax(lesion_logits, dim=1)[:, 1:]
+        return features * (self.floor + (1.0 - self.floor) * p)
 
 
 class ClassLogits(nn.Module):
