@@ -8,7 +8,7 @@ the figures are reported on.
 
 Rules (fractions of the brain foreground ``F``; every rule works on the map's own distribution):
 
-* ``otsu``:        Otsu on ``F``, clamped to ``[min_fraction, max_fraction]`` (the rule before 2026-11).
+* ``otsu``:        Otsu on ``F``, clamped to ``[min_fraction, max_fraction]`` (the shipped rule, xai_core.masks).
 * ``otsu2``:       Otsu again on the values above the first Otsu threshold (two-level Otsu), same clamp.
 * ``max<a>``:      ``map >= a * max`` (a in 0.3 .. 0.7), same clamp.
 
