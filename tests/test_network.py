@@ -38,10 +38,12 @@ def test_gated_network_outputs_and_cam_layer(spatial_dims):
     assert (seen["cam"] >= 0).all()
 
 
-def test_ungated_network_has_no_coarse_map_unless_deeply_supervised():
-    x = torch.randn(1, 1, 32, 32, 32)
-    assert BrainLesionNet().eval()(x).encoder_seg_logits is None
-    assert BrainLesionNet(deep_supervision=True).eval()(x).encoder_seg_logits.shape == (1, 2, 8, 8, 8)
+def test_ungated_network_has_no_coarse_map_and_the_old_layout():
+    net = BrainLesionNet().eval()
+    assert net(torch.randn(1, 1, 32, 32, 32)).encoder_seg_logits is None
+    # Ungated weights (model 1.0/1.1 layout) keep their parameter names.
+    assert not any(k.startswith(("encoder_body", "encoder_seg")) for k in net.state_dict())
+    assert any(k.startswith("encoder_out.0.") for k in net.state_dict())
 
 
 def test_coarse_target_keeps_a_single_lesion_voxel():

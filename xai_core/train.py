@@ -94,7 +94,7 @@ def augment(x: torch.Tensor, m: torch.Tensor, g: torch.Generator) -> tuple[torch
     return torch.stack(out_x), torch.stack(out_m)
 
 
-# ------------------------------------------------------------------------------------ metrics
+# -------------------------------------------------------------------------------- calibration
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature minimising validation NLL (1-D search over log T in 0.25..8; robust, no optimiser
@@ -140,7 +140,7 @@ def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path
 
     ``init`` starts from the weights of an earlier run (a ``<name>.pt``) with a fresh optimiser and
     schedule: a second, lower-``lr`` stage. ``deep_supervision_weight`` weighs the coarse lesion loss
-    on the last encoder stage (architectures built with ``deep_supervision=True``). Returns the path
+    on the last encoder stage (architectures built with ``lesion_gate=True``). Returns the path
     of the model card written.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

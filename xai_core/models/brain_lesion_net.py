@@ -9,7 +9,7 @@ Shapes (3-D, default channels ``(8, 16, 32, 64)``, input ``(B, 1, 64, 64, 64)``)
                  (lesion_gate=True: encoder_body is the ResidualUnit, encoder_out = its output times the
                  lesion probability of encoder_seg, see LesionGate)
     classifier   avg+max pool, linear  -> class logits (B, num_classes)
-    encoder_seg  1x1 conv (deep_supervision or lesion_gate) -> coarse lesion logits (B, 2, 16, 16, 16)
+    encoder_seg  1x1 conv (lesion_gate only) -> coarse lesion logits (B, 2, 16, 16, 16)
     dec2 (16^3) -> up -> dec1 (32^3) -> up -> 1x1 head with stem features
                                     -> segmentation logits (B, seg_channels, 64, 64, 64)
 
@@ -30,7 +30,7 @@ from torch import nn
 class LesionOutput(NamedTuple):
     class_logits: torch.Tensor  # (B, num_classes)
     seg_logits: torch.Tensor  # (B, seg_channels, *spatial)
-    # (B, seg_channels, *spatial / 4): lesion map read off the last encoder stage (deep supervision only)
+    # (B, seg_channels, *spatial / 4): the lesion gate's coarse map (None without the gate)
     encoder_seg_logits: torch.Tensor | None = None
 
 
@@ -40,8 +40,7 @@ class BrainLesionNet(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, num_classes: int = 4,
                  seg_channels: int = 2, channels: tuple[int, int, int, int] = (8, 16, 32, 64),
                  norm: str = "BATCH", act: str | tuple = ("LEAKYRELU", {"negative_slope": 0.01}),
-                 dropout: float = 0.1, deep_supervision: bool = False,
-                 lesion_gate: bool = False, gate_floor: float = 0.1):
+                 dropout: float = 0.1, lesion_gate: bool = False, gate_floor: float = 0.1):
         super().__init__()
         c0, c1, c2, c3 = channels
         sd = spatial_dims
@@ -73,11 +72,11 @@ class BrainLesionNet(nn.Module):
                             else "bilinear")
         self.seg_head = nn.Sequential(Convolution(sd, 2 * c0, c0, kernel_size=1, norm=norm, act=act),
                                       Convolution(sd, c0, seg_channels, kernel_size=1, conv_only=True))
-        # Deep supervision of the last encoder stage with a coarse lesion map: the skip connections let
-        # the decoder localise without it, and then the stage CAM methods read carries lesion evidence
-        # smeared over the volume. The gate needs that map.
+        # The gate's coarse lesion map, trained against the ground truth (deep supervision). Without
+        # it the skip connections let the decoder localise alone, and the stage CAM methods read
+        # carries lesion evidence smeared over the volume.
         self.encoder_seg = (Convolution(sd, c3, seg_channels, kernel_size=1, conv_only=True)
-                            if deep_supervision or lesion_gate else None)
+                            if lesion_gate else None)
 
     def forward(self, x: torch.Tensor) -> LesionOutput:
         e0 = self.stem(x)
@@ -89,7 +88,7 @@ class BrainLesionNet(nn.Module):
             e3 = self.encoder_out(h, lesion)
         else:
             h = e3 = self.encoder_out(e2)
-            lesion = self.encoder_seg(e3) if self.encoder_seg is not None else None
+            lesion = None
         pooled = torch.cat([self.avg_pool(e3).flatten(1), self.max_pool(e3).flatten(1)], dim=1)
         logits = self.classifier(pooled)
         # The decoder reads the ungated features: segmentation keeps the whole context.
