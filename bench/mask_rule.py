@@ -8,9 +8,14 @@ the figures are reported on.
 
 Rules (fractions of the brain foreground ``F``; every rule works on the map's own distribution):
 
-* ``otsu``:        Otsu on ``F``, clamped to ``[min_fraction, max_fraction]`` (the shipped rule, xai_core.masks).
+* ``otsu``:        Otsu on ``F``, clamped to ``[min_fraction, max_fraction]`` (the shipped rule,
+  :func:`xai_core.masks.adaptive_threshold`).
 * ``otsu2``:       Otsu again on the values above the first Otsu threshold (two-level Otsu), same clamp.
 * ``max<a>``:      ``map >= a * max`` (a in 0.3 .. 0.7), same clamp.
+
+The clamp is the library's (:func:`xai_core.masks.clamp_threshold`, ties and all), so the rules
+differ only in their candidate threshold. The bounds are ``Settings.mask_min_fraction`` /
+``mask_max_fraction``, as in :func:`xai_core.pipeline.explain`.
 
 Usage::
 
@@ -32,31 +37,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from xai_core.data.brain import read_manifest  # noqa: E402
 from xai_core.evaluate import read_mask  # noqa: E402
 from xai_core.io import read_image  # noqa: E402
-from xai_core.masks import _otsu  # noqa: E402
+from xai_core.masks import adaptive_threshold, clamp_threshold  # noqa: E402
 from xai_core.metrics import dice  # noqa: E402
 from xai_core.models import load as load_model  # noqa: E402
 from xai_core.pipeline import explain  # noqa: E402
-from xai_core.settings import get_settings  # noqa: E402
+from xai_core.settings import Settings  # noqa: E402
 
-
-def _clamp(vals: np.ndarray, thr: float, lo: float, hi: float) -> float:
-    n = vals.size
-    count = n - np.searchsorted(vals, thr, side="left")
-    if count > hi * n:
-        return float(vals[int(n - hi * n)])
-    if count < lo * n:
-        return float(vals[max(0, int(n - lo * n))])
-    return thr
+RULES = ("otsu", "otsu2", "max0.3", "max0.4", "max0.5", "max0.6", "max0.7")
 
 
 def candidate_thresholds(vals: np.ndarray, lo: float, hi: float) -> dict[str, float]:
-    """Threshold per rule from the sorted foreground values of one map."""
-    t1 = _otsu(vals)
+    """Threshold per rule from the sorted foreground values of one map (``map >= t`` is the mask),
+    each clamped to ``lo`` .. ``hi`` of the values by the library's rule; NaN for a flat or empty map."""
+    shipped = adaptive_threshold(vals, min_fraction=lo, max_fraction=hi)
+    if shipped.empty:
+        return dict.fromkeys(RULES, float("nan"))
+    t1 = shipped.otsu
     upper = vals[vals >= t1]
-    t2 = _otsu(upper) if upper.size > 1 and upper[-1] > upper[0] else t1
-    out = {"otsu": _clamp(vals, t1, lo, hi), "otsu2": _clamp(vals, t2, lo, hi)}
+    t2 = adaptive_threshold(upper).otsu if upper.size > 1 and upper[-1] > upper[0] else t1
+    out = {"otsu": shipped.threshold,
+           "otsu2": clamp_threshold(vals, t2, min_fraction=lo, max_fraction=hi)[0]}
     for a in (0.3, 0.4, 0.5, 0.6, 0.7):
-        out[f"max{a:.1f}"] = _clamp(vals, a * float(vals[-1]), lo, hi)
+        out[f"max{a:.1f}"] = clamp_threshold(vals, a * float(vals[-1]), min_fraction=lo, max_fraction=hi)[0]
     return out
 
 
@@ -68,15 +70,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/mask_rule")
     ap.add_argument("--weights-dir", default=None, help="model weights folder (default: the shipped ones)")
     a = ap.parse_args()
-    cfg = get_settings()
-    model = load_model("brain-lesion-3d", weights_dir=Path(a.weights_dir) if a.weights_dir else None)
+    cfg = Settings()
+    model = load_model("brain-lesion-3d", weights_dir=Path(a.weights_dir) if a.weights_dir else None, settings=cfg)
     rows = [r for r in read_manifest(a.data) if r["label"] != "none"][: a.limit]
     results = []
     for n, r in enumerate(rows):
         image = read_image(r["image"])
         truth = read_mask(r["mask"]).array.astype(bool)
         for method in a.methods:
-            exp = explain(image, method, target=r["label"], model=model)
+            exp = explain(image, method, target=r["label"], model=model, settings=cfg)
             s, fg = exp.primary.array, exp.foreground
             vals = np.sort(s[fg])
             row = {"study_id": r["study_id"], "label": r["label"], "method": method}

@@ -11,7 +11,7 @@ Adaptive threshold rule (:func:`adaptive_threshold`)
        ``map >= t`` with ``t`` the smallest foreground value on the salient side.
     2. Clamped so that the mask holds between ``min_fraction`` (1 %) and ``max_fraction`` (20 %) of
        the foreground voxels: above 20 % the threshold rises to the top-20 % value, below 1 % it
-       falls to the top-1 % value.
+       falls to the top-1 % value. :func:`clamp_threshold` is this step alone, for any candidate.
     3. Reported as the percentile it corresponds to: ``percentile = 100 * (1 - mask voxels /
        foreground voxels)``, the share of foreground voxels below the threshold.
     Ties: voxels with equal values are never split, so the threshold moves to the next distinct
@@ -37,9 +37,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:  # imported where needed: the mask functions themselves need numpy and scipy only
+    from .settings import Settings
 
 OTSU_BINS = 256
 
@@ -181,17 +185,23 @@ def adaptive_threshold(saliency: np.ndarray, foreground: np.ndarray | None = Non
     return _threshold(s, fg, np.sort(s[fg]), min_fraction, max_fraction)
 
 
-def _threshold(s: np.ndarray, fg: np.ndarray, vals: np.ndarray, min_fraction: float,
-               max_fraction: float) -> Threshold:
+def clamp_threshold(sorted_values: np.ndarray, threshold: float, *, min_fraction: float = 0.01,
+                    max_fraction: float = 0.20) -> tuple[float, str | None]:
+    """Step 2 of the adaptive rule for any candidate ``threshold`` of a map whose foreground values,
+    sorted ascending, are ``sorted_values``: the smallest value at or above ``threshold`` (so
+    ``map >= result`` is the candidate's mask), clamped so that the mask holds ``min_fraction`` ..
+    ``max_fraction`` of the values, with the module docstring's tie rule.
+
+    Returns ``(threshold, clamped)``, ``clamped`` being None, ``"min_fraction"`` or ``"max_fraction"``.
+    :func:`adaptive_threshold` applies it to Otsu's threshold; ``bench/mask_rule.py`` to other rules.
+    """
     if not 0.0 < min_fraction <= max_fraction <= 1.0:
         raise ValueError("need 0 < min_fraction <= max_fraction <= 1")
-    reason = _flat_reason(vals)
-    if reason is not None:
-        return Threshold(math.nan, math.nan, np.zeros(s.shape, dtype=bool), math.nan, None, True, reason)
+    vals = np.asarray(sorted_values)
     n = vals.size
-    otsu = _otsu(vals)
-    # map >= thr must equal "on Otsu's salient side": the smallest value at or above the edge.
-    thr = float(vals[min(n - 1, np.searchsorted(vals, otsu, side="left"))])
+    if n == 0:
+        raise ValueError("no values to threshold")
+    thr = float(vals[min(n - 1, np.searchsorted(vals, threshold, side="left"))])
     clamped = None
     count = _count_at_least(vals, thr)
     if count > max_fraction * n:
@@ -203,6 +213,20 @@ def _threshold(s: np.ndarray, fg: np.ndarray, vals: np.ndarray, min_fraction: fl
             # The floor would drag in a tie block (typically the zeros of a ReLU map): keep only
             # the values above it.
             thr = _at_most(vals, max_fraction)
+    return thr, clamped
+
+
+def _threshold(s: np.ndarray, fg: np.ndarray, vals: np.ndarray, min_fraction: float,
+               max_fraction: float) -> Threshold:
+    if not 0.0 < min_fraction <= max_fraction <= 1.0:
+        raise ValueError("need 0 < min_fraction <= max_fraction <= 1")
+    reason = _flat_reason(vals)
+    if reason is not None:
+        return Threshold(math.nan, math.nan, np.zeros(s.shape, dtype=bool), math.nan, None, True, reason)
+    n = vals.size
+    otsu = _otsu(vals)
+    # map >= thr must equal "on Otsu's salient side": the smallest value at or above the edge.
+    thr, clamped = clamp_threshold(vals, otsu, min_fraction=min_fraction, max_fraction=max_fraction)
     count = _count_at_least(vals, thr)
     mask = fg & (s >= thr)
     return Threshold(thr, 100.0 * (1.0 - count / n), mask, otsu, clamped)
@@ -254,11 +278,15 @@ def connected_components(mask: np.ndarray, *, min_size: int = 1, connectivity: i
     return new_labels, comps
 
 
-def _level_percents(levels_percent: Sequence[float] | None) -> list[float]:
+def _level_percents(levels_percent: Sequence[float] | None, settings: Settings | None = None) -> list[float]:
+    """The level percentages, largest first: ``levels_percent`` or ``settings.mask_levels_percent``
+    (``settings`` default ``Settings()``)."""
     if levels_percent is None:
-        from .settings import get_settings
+        if settings is None:
+            from .settings import Settings
 
-        levels_percent = get_settings().mask_levels_percent
+            settings = Settings()
+        levels_percent = settings.mask_levels_percent
     pcts = sorted({float(p) for p in levels_percent}, reverse=True)
     if not pcts or pcts[0] > 100.0 or pcts[-1] <= 0.0:
         raise ValueError(f"level percentages must lie in (0, 100], got {levels_percent}")
@@ -268,14 +296,16 @@ def _level_percents(levels_percent: Sequence[float] | None) -> list[float]:
 
 
 def saliency_levels(saliency: np.ndarray, foreground: np.ndarray | None = None,
-                    levels_percent: Sequence[float] | None = None) -> tuple[np.ndarray, dict[float, float]]:
+                    levels_percent: Sequence[float] | None = None, *,
+                    settings: Settings | None = None) -> tuple[np.ndarray, dict[float, float]]:
     """Nested saliency levels (encoding in the module docstring).
 
-    ``levels_percent``: top percentages of the foreground, default ``Settings.mask_levels_percent``.
+    ``levels_percent``: top percentages of the foreground, default ``settings.mask_levels_percent``
+    (``settings`` default ``Settings()``).
     Returns ``(levels uint8, {percent: threshold})``; all zeros and ``{}`` for a flat map or an empty
     foreground.
     """
-    pcts = _level_percents(levels_percent)
+    pcts = _level_percents(levels_percent, settings)
     s, fg = _prepare(saliency, foreground)
     return _levels(s, fg, np.sort(s[fg]), pcts)
 
@@ -297,14 +327,19 @@ def _levels(s: np.ndarray, fg: np.ndarray, vals: np.ndarray,
 def saliency_mask(saliency: np.ndarray, foreground: np.ndarray | None = None, *,
                   min_fraction: float = 0.01, max_fraction: float = 0.20, min_component_size: int = 1,
                   connectivity: int | None = None, levels_percent: Sequence[float] | None = None,
-                  spacing: Sequence[float] | None = None) -> SaliencyMask:
+                  spacing: Sequence[float] | None = None, settings: Settings | None = None) -> SaliencyMask:
     """Adaptive binary mask, its components (at least ``min_component_size`` voxels, largest first)
-    and the nested saliency levels of one map. Never raises on flat or empty input: see ``empty``."""
+    and the nested saliency levels of one map. Never raises on flat or empty input: see ``empty``.
+
+    ``levels_percent`` defaults to ``settings.mask_levels_percent`` (``settings`` default
+    ``Settings()``). The mask bounds are the explicit ``min_fraction`` / ``max_fraction``; callers
+    that want ``settings.mask_min_fraction`` / ``mask_max_fraction`` pass them.
+    """
     s, fg = _prepare(saliency, foreground)
     vals = np.sort(s[fg])  # sorted once, shared by the threshold and every level
     n_fg = int(vals.size)
     thr = _threshold(s, fg, vals, min_fraction, max_fraction)
-    levels, level_thr = _levels(s, fg, vals, _level_percents(levels_percent))
+    levels, level_thr = _levels(s, fg, vals, _level_percents(levels_percent, settings))
     if thr.empty:
         return SaliencyMask(np.zeros(s.shape, dtype=bool), levels, thr.threshold, thr.percentile, [], True,
                             thr.reason, np.zeros(s.shape, dtype=np.int32), level_thr, n_fg)
