@@ -13,22 +13,33 @@ Conventions (the one place they are written down)
 
 Every reader validates what it returns; problems raise an :class:`ImageError` subclass whose
 message names the file and the problem.
+
+Untrusted files (anything a client uploads) are read with :func:`read_untrusted_image` (or
+``read_image(..., untrusted=True)``), which adds the checks that keep a crafted file from reaching
+other files, memory or CPU of the process: see the section "untrusted input" below.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import math
 import os
 import re
 import struct
+import threading
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    from .settings import Settings
 
 __all__ = [
     "Image",
@@ -38,7 +49,19 @@ __all__ = [
     "NonFiniteError",
     "EmptyImageError",
     "TooLargeError",
+    "DetachedDataError",
+    "NonImageDicomError",
+    "GeometryError",
+    "SpacingError",
+    "TooSmallError",
+    "DecompressionBombError",
+    "DecodeBudgetError",
+    "BudgetBusyError",
+    "MemoryBudget",
+    "decode_budget",
     "read_image",
+    "read_untrusted_image",
+    "sniff_format",
     "write_image",
     "validate",
 ]
@@ -74,6 +97,43 @@ class EmptyImageError(ImageError):
 
 class TooLargeError(ImageError):
     """The image has more voxels than the configured limit."""
+
+
+# Refusals of untrusted input (read_untrusted_image); each names one problem.
+
+class DetachedDataError(ImageError):
+    """The header takes its voxels from another file (MetaImage ``ElementDataFile`` other than
+    ``LOCAL``, NRRD ``data file:``, an Analyze or NIfTI ``.hdr``/``.img`` pair): the reader would open
+    a path that the file's author chose."""
+
+
+class NonImageDicomError(ImageError):
+    """A DICOM object that is not an image (segmentation, structured report, RT structure set, plan
+    or dose, presentation state, key object selection, ...), or a DICOM file without its Part 10 header."""
+
+
+class GeometryError(ImageError):
+    """The header's geometry is unusable (non-finite origin or direction, singular direction)."""
+
+
+class SpacingError(GeometryError):
+    """A voxel spacing is non-finite, zero or negative (ITK would silently read it as 1 mm)."""
+
+
+class TooSmallError(ImageError):
+    """The volume has fewer voxels along an axis than the configured minimum."""
+
+
+class DecompressionBombError(ImageError):
+    """Compressed voxel data inflates to more than the header declares (trailing data, a "zip bomb")."""
+
+
+class DecodeBudgetError(TooLargeError):
+    """Decoding the declared voxels would need more memory than one upload may use."""
+
+
+class BudgetBusyError(ImageError):
+    """Other uploads hold the process-wide decode memory budget; the client should retry shortly."""
 
 
 @dataclass(frozen=True)
@@ -404,8 +464,9 @@ def _gunzip_chunks(f: BinaryIO, path: Path, size: int = 1 << 20) -> Iterator[byt
         raise UnreadableImageError(path, f"is corrupt: its gzip data cannot be decompressed ({e})") from e
 
 
-def _file_layout(path: Path) -> _Layout | None:
-    """Parse the header of a NIfTI (.nii, .nii.gz), NRRD or MetaImage (.mha) file; None for others.
+def _file_layout(path: Path, meta: bool = False) -> _Layout | None:
+    """Parse the header of a NIfTI (.nii, .nii.gz), NRRD or MetaImage (.mha, or ``meta``) file; None
+    for others.
 
     Raises :class:`UnreadableImageError` for a file cut inside its header and
     :class:`EmptyImageError` for a header that declares a zero size.
@@ -418,7 +479,7 @@ def _file_layout(path: Path) -> _Layout | None:
                 layout = _nifti_layout(next(_gunzip_chunks(f, path, size=540), b""), path, gz=True)
             elif magic.startswith(b"NRRD"):
                 layout = _nrrd_layout(f)
-            elif path.suffix.lower() == ".mha":
+            elif meta or path.suffix.lower() == ".mha":
                 layout = _meta_layout(f)
             else:
                 layout = _nifti_layout(f.read(540), path, gz=False)
@@ -431,8 +492,12 @@ def _file_layout(path: Path) -> _Layout | None:
     return layout
 
 
-def _scan_voxel_data(path: Path, layout: _Layout) -> tuple[int, int, int]:
-    """``(bytes of voxel data present, NaN count, infinite count)``; the counts only for float NIfTI."""
+def _scan_voxel_data(path: Path, layout: _Layout, cap: int | None = None) -> tuple[int, int, int]:
+    """``(bytes of voxel data present, NaN count, infinite count)``; the counts only for float NIfTI.
+
+    Decompression stops as soon as more than ``cap`` bytes of voxel data have come out, so a small
+    file that inflates to gigabytes costs milliseconds (the caller sees ``have > cap``).
+    """
     dt = np.dtype(layout.float_dtype) if layout.float_dtype else None
     need = layout.nbytes or 0
     have = n_nan = n_inf = 0
@@ -446,6 +511,8 @@ def _scan_voxel_data(path: Path, layout: _Layout) -> tuple[int, int, int]:
                 cut = min(skip, len(chunk))
                 chunk, skip = chunk[cut:], skip - cut
             start, have = have, have + len(chunk)
+            if cap is not None and have > cap:
+                break
             if dt is None or start >= need:
                 continue
             buf = carry + chunk[: need - start]
@@ -458,15 +525,32 @@ def _scan_voxel_data(path: Path, layout: _Layout) -> tuple[int, int, int]:
     return have, n_nan, n_inf
 
 
-def _check_data(path: Path, layout: _Layout | None) -> None:
+def _inflate_cap(declared: int, settings: Settings) -> int:
+    """Most bytes that compressed data declared as ``declared`` bytes may inflate to (the slack allows
+    for padding some writers add; real files have none)."""
+    slack = max(settings.untrusted_gzip_slack_mb * 2**20, settings.untrusted_gzip_slack_fraction * declared)
+    return declared + int(slack)
+
+
+def _check_data(path: Path, layout: _Layout | None, settings: Settings | None = None) -> None:
     """Raise :class:`UnreadableImageError` when ``path`` holds less voxel data than ``layout`` declares,
-    :class:`NonFiniteError` when a NIfTI stores NaN or infinite floats (which ITK would turn into 0)."""
+    :class:`NonFiniteError` when a NIfTI stores NaN or infinite floats (which ITK would turn into 0),
+    :class:`DecompressionBombError` when a gzip stream holds far more than its header declares."""
     if layout is None or layout.nbytes is None:
         return
     if layout.encoding == "raw" and layout.float_dtype is None:
         have, n_nan, n_inf = path.stat().st_size - layout.offset, 0, 0  # no need to read the data
     else:
-        have, n_nan, n_inf = _scan_voxel_data(path, layout)
+        cap = None
+        if layout.encoding != "raw":
+            from .settings import Settings
+
+            cap = _inflate_cap(layout.nbytes, settings or Settings())
+        have, n_nan, n_inf = _scan_voxel_data(path, layout, cap)
+        if cap is not None and have > cap:
+            raise DecompressionBombError(path, f"its gzip data inflates to more than {_mib(cap)} although its "
+                                               f"header declares {_mib(layout.nbytes)} of voxels (trailing "
+                                               "data); refused without inflating the rest")
     if have < layout.nbytes:
         what = "once decompressed " if layout.encoding != "raw" else ""
         raise UnreadableImageError(path, f"is truncated: its header declares {layout.nbytes} bytes of voxel "
@@ -475,23 +559,461 @@ def _check_data(path: Path, layout: _Layout | None) -> None:
         raise NonFiniteError(path, f"has {n_nan} NaN and {n_inf} infinite voxels")
 
 
+# ------------------------------------------------------------------------------- untrusted input
+# Uploads are files whose every byte an attacker may choose. ITK reads what a header says: it opens
+# the file a MetaImage ``ElementDataFile`` or an NRRD ``data file:`` names (so an upload could make the
+# server read, store and serve its own files), it picks the reader by content among twenty formats,
+# it turns a NaN or zero spacing into 1 mm, and it allocates whatever size the header declares. So for
+# untrusted input the header text is read here first, before ITK opens the file:
+#
+# 1. the format is told from the content and must be one of: single-file NIfTI-1/2 (raw or gzip),
+#    NRRD with attached data, MetaImage with ``ElementDataFile = LOCAL``, DICOM Part 10; ITK is then
+#    told which reader to use, so no other format's reader can be picked;
+# 2. headers that take the voxels from another file are refused (DetachedDataError) without the named
+#    file being opened; so are Analyze / NIfTI ``.hdr``/``.img`` pairs;
+# 3. DICOM objects that are not images (SEG, SR, RT, PR, KOS, ...) are refused by SOP class, read
+#    with pydicom from the file meta and the dataset (NonImageDicomError);
+# 4. spacings, origins and directions in the header must be finite, spacings positive (SpacingError,
+#    GeometryError): ITK hides those;
+# 5. the declared size must reach ``untrusted_min_size`` voxels per axis (TooSmallError);
+# 6. compressed data may not inflate to more than the header declares plus a slack
+#    (DecompressionBombError); inflation is streamed and stops at that cap;
+# 7. the memory that decoding the declared voxels needs is estimated from the header and must fit
+#    ``untrusted_max_decode_mb`` (DecodeBudgetError, a TooLargeError); it is then reserved in one
+#    process-wide MemoryBudget shared by every concurrent upload, and released when the image is
+#    validated (BudgetBusyError when others hold it for longer than ``untrusted_budget_wait_s``).
+
+_HEADER_LIMIT = 1 << 20  # bytes of NRRD / MetaImage header text read before giving up
+_DETACHED_NRRD = re.compile(r"^\s*data\s*_?file\s*:", re.IGNORECASE)
+_META_LINE = re.compile(r"^\s*[A-Za-z][A-Za-z0-9_]*\s*=")
+# Readers ITK is told to use, by the format found in the content.
+_ITK_IO = {"nifti": "NiftiImageIO", "nrrd": "NrrdImageIO", "meta": "MetaImageIO", "dicom": "GDCMImageIO"}
+_NRRD_UPLOAD_ENCODINGS = {"raw", "gzip", "gz", "ascii", "text", "txt", "hex"}
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class _Sniffed:
+    """What the first bytes of an untrusted file say: its format, and its header text for NRRD and
+    MetaImage (lines up to the end of the header)."""
+
+    fmt: str
+    lines: tuple[str, ...] = ()
+
+
+def _text_header(path: Path, blob: bytes, fmt: str) -> tuple[str, ...]:
+    """The header lines of a NRRD (up to its blank line) or MetaImage (up to ``ElementDataFile``)."""
+    lines: list[str] = []
+    pos = 0
+    while True:
+        nl = blob.find(b"\n", pos)
+        if nl < 0:
+            if len(blob) > _HEADER_LIMIT:
+                raise UnreadableImageError(path, f"its {_fmt_name(fmt)} header is longer than {_mib(_HEADER_LIMIT)}")
+            if blob[pos:]:
+                lines.append(blob[pos:].decode("latin-1").rstrip("\r"))
+            return tuple(lines)  # the file ends inside its header
+        line = blob[pos:nl].decode("latin-1").rstrip("\r")
+        pos = nl + 1
+        lines.append(line)
+        if fmt == "nrrd" and line == "":
+            return tuple(lines)
+        if fmt == "meta" and line.partition("=")[0].strip().lower() == "elementdatafile":
+            return tuple(lines)
+
+
+def _fmt_name(fmt: str) -> str:
+    return {"nifti": "NIfTI", "nrrd": "NRRD", "meta": "MetaImage", "dicom": "DICOM"}[fmt]
+
+
+def _sniff(path: Path) -> _Sniffed:
+    """The format of an untrusted file, from its content (never its name)."""
+    with open(path, "rb") as f:
+        blob = f.read(_HEADER_LIMIT + 1)
+    if blob.startswith(_GZIP_MAGIC):
+        with open(path, "rb") as f:
+            head = next(_gunzip_chunks(f, path, size=540), b"")
+        _nifti_kind(path, head, compressed=True)
+        return _Sniffed("nifti")
+    if blob.startswith(b"NRRD"):
+        return _Sniffed("nrrd", _text_header(path, blob, "nrrd"))
+    if blob[128:132] == b"DICM":
+        return _Sniffed("dicom")
+    if len(blob) >= 4 and _nifti_kind(path, blob[:540], compressed=False):
+        return _Sniffed("nifti")
+    first = blob[:4096].split(b"\n", 1)[0].decode("latin-1")
+    if _META_LINE.match(first):
+        return _Sniffed("meta", _text_header(path, blob, "meta"))
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        raise NonImageDicomError(path, "is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte "
+                                       "preamble); only Part 10 DICOM files can be uploaded")
+    raise UnreadableImageError(path, "is not in a format uploads may use (single-file NIfTI, NRRD with its "
+                                     "data attached, MetaImage with ElementDataFile = LOCAL, DICOM Part 10)")
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """The format of a file from its content, never its name: ``"nifti"`` (single-file, raw or gzip),
+    ``"nrrd"``, ``"meta"`` (MetaImage) or ``"dicom"`` (Part 10); raises an :class:`ImageError` for any
+    other content, an Analyze / NIfTI pair header included (:class:`DetachedDataError`)."""
+    return _sniff(Path(path)).fmt
+
+
+def _nifti_kind(path: Path, head: bytes, compressed: bool) -> bool:
+    """True for a single-file NIfTI-1/2 header; raises for a header whose voxels are in a separate
+    file (NIfTI pair, Analyze 7.5); False when ``head`` is no NIfTI/Analyze header at all."""
+    for e in "<>":
+        hdr_size = struct.unpack(e + "i", head[:4])[0] if len(head) >= 4 else 0
+        if hdr_size == 348 and len(head) >= 348:
+            magic = head[344:348]
+        elif hdr_size == 540 and len(head) >= 8:
+            magic = head[4:8]
+        else:
+            continue
+        if magic in (b"n+1\0", b"n+2\0"):
+            return True
+        if magic in (b"ni1\0", b"ni2\0"):
+            raise DetachedDataError(path, "is a NIfTI header of a .hdr/.img pair: its voxels are in a separate "
+                                          "file; upload a single-file NIfTI (.nii or .nii.gz)")
+        raise DetachedDataError(path, "is an Analyze 7.5 header (.hdr) whose voxels are in a separate .img file; "
+                                      "upload a single-file NIfTI (.nii or .nii.gz)")
+    if compressed:
+        raise UnreadableImageError(path, "is gzip-compressed but holds no single-file NIfTI; uploads may "
+                                         "compress NIfTI only (.nii.gz)")
+    return False
+
+
+def _fields(lines: tuple[str, ...], sep: str) -> dict[str, str]:
+    """``key -> value`` of header lines (keys lower-case; the first occurrence wins, as in the readers)."""
+    out: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("#") or sep not in line:
+            continue
+        key, _, value = line.partition(sep)
+        out.setdefault(key.strip().lower(), value.strip())
+    return out
+
+
+def _floats(text: str) -> list[float]:
+    """Numbers in a header value (``nan``/``inf`` included); ValueError for anything else."""
+    return [float(v) for v in re.split(r"[\s,()]+", text.strip()) if v]
+
+
+def _check_geometry_values(path: Path, what: str, spacing: list[float], other: dict[str, list[float]]) -> None:
+    """Raise unless every spacing is finite and positive and every ``other`` value finite."""
+    bad = [s for s in spacing if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise SpacingError(path, f"its {what} declares voxel spacing {tuple(spacing)}: spacings must be finite and "
+                                 "positive (a reader would silently use 1 mm)")
+    for name, values in other.items():
+        if not all(math.isfinite(v) for v in values):
+            raise GeometryError(path, f"its {what} declares a non-finite {name} {tuple(values)}")
+
+
+def _check_nrrd_header(path: Path, lines: tuple[str, ...]) -> None:
+    for line in lines:
+        if not line.startswith("#") and _DETACHED_NRRD.match(line):
+            raise DetachedDataError(path, f"its NRRD header takes the voxels from another file "
+                                          f"({line.strip()[:120]!r}); uploads must hold their data (attached NRRD)")
+    if not lines or lines[-1] != "":
+        raise UnreadableImageError(path, "is truncated or a detached header: no voxel data follows its NRRD header")
+    f = _fields(lines[1:], ":")
+    enc = f.get("encoding", "").lower()
+    if enc not in _NRRD_UPLOAD_ENCODINGS:
+        raise UnreadableImageError(path, f"uses NRRD encoding {enc or 'none'!r}; uploads may use raw, gzip or text")
+    if enc in ("gzip", "gz") and ("line skip" in f or "byte skip" in f or "lineskip" in f or "byteskip" in f):
+        raise UnreadableImageError(path, "combines gzip encoding with 'line skip'/'byte skip', which uploads may not")
+    try:
+        spacing = _floats(f["spacings"])[:3] if "spacings" in f else []
+        other: dict[str, list[float]] = {}
+        if "space directions" in f:
+            vectors = re.findall(r"\(([^)]*)\)", f["space directions"])[:3]
+            for n, v in enumerate(vectors):
+                vec = _floats(v)
+                other[f"space direction {n}"] = vec
+                if all(math.isfinite(x) for x in vec):
+                    spacing.append(float(np.linalg.norm(vec)))
+        if "space origin" in f:
+            other["space origin"] = _floats(f["space origin"])
+    except ValueError:
+        raise GeometryError(path, "its NRRD header has spacing, direction or origin values that are not numbers") \
+            from None
+    _check_geometry_values(path, "NRRD header", spacing, other)
+
+
+def _check_meta_header(path: Path, lines: tuple[str, ...]) -> None:
+    f = _fields(lines, "=")
+    if "elementdatafile" not in f:
+        raise UnreadableImageError(path, "its MetaImage header has no 'ElementDataFile = LOCAL' line "
+                                         "(truncated, or not a MetaImage)")
+    if f["elementdatafile"].upper() != "LOCAL":
+        raise DetachedDataError(path, f"its MetaImage header takes the voxels from another file (ElementDataFile = "
+                                      f"{f['elementdatafile'][:120]}); uploads must hold their data "
+                                      "(ElementDataFile = LOCAL)")
+    try:
+        spacing = _floats(f["elementspacing"]) if "elementspacing" in f else []
+        if "elementsize" in f:
+            spacing += _floats(f["elementsize"])
+        other = {k: _floats(f[k]) for k in ("offset", "origin", "position", "transformmatrix", "rotation",
+                                            "orientation", "centerofrotation") if k in f}
+    except ValueError:
+        raise GeometryError(path, "its MetaImage header has spacing, offset or matrix values that are not numbers") \
+            from None
+    _check_geometry_values(path, "MetaImage header", spacing, other)
+
+
+def _check_nifti_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(2) == _GZIP_MAGIC:
+            f.seek(0)
+            head = next(_gunzip_chunks(f, path, size=540), b"")
+        else:
+            f.seek(0)
+            head = f.read(540)
+    for e in "<>":
+        hdr_size = struct.unpack(e + "i", head[:4])[0] if len(head) >= 4 else 0
+        if hdr_size == 348 and len(head) >= 348:
+            ndim = struct.unpack(e + "h", head[40:42])[0]
+            pixdim = struct.unpack(e + "8f", head[76:108])
+            qform_code, sform_code = struct.unpack(e + "2h", head[252:256])
+            quatern = struct.unpack(e + "6f", head[256:280])
+            srow = struct.unpack(e + "12f", head[280:328])
+        elif hdr_size == 540 and len(head) >= 540:
+            ndim = struct.unpack(e + "q", head[16:24])[0]
+            pixdim = struct.unpack(e + "8d", head[104:168])
+            qform_code, sform_code = struct.unpack(e + "2i", head[344:352])
+            quatern = struct.unpack(e + "6d", head[352:400])
+            srow = struct.unpack(e + "12d", head[400:496])
+        else:
+            continue
+        n = min(max(int(ndim), 0), 3)
+        other: dict[str, list[float]] = {}
+        if qform_code > 0:
+            other["qform"] = list(quatern)
+        if sform_code > 0:
+            other["sform"] = list(srow)
+        _check_geometry_values(path, "NIfTI header", list(pixdim[1:n + 1]), other)
+        if sform_code > 0 and all(math.isfinite(v) for v in srow):
+            norms = np.linalg.norm(np.asarray(srow).reshape(3, 4)[:, :3], axis=0)
+            if (norms[:n] <= 0).any():
+                raise SpacingError(path, f"its NIfTI sform has a zero-length axis (column norms {tuple(norms)}); "
+                                         "spacings must be positive")
+        return
+
+
+# Storage SOP classes whose name ends with "Image Storage" are images; every other object is refused.
+def _check_dicom_object(path: Path) -> None:
+    """Raise :class:`NonImageDicomError` unless ``path`` is a DICOM image object with usable spacing."""
+    import pydicom
+    from pydicom.uid import UID
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "PixelSpacing", "NumberOfFrames"])
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for a crafted file; all mean "unreadable"
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UnreadableImageError(path, f"cannot be read as DICOM: {why}") from None
+    classes = {str(u) for u in (meta.get("MediaStorageSOPClassUID"), ds.get("SOPClassUID")) if u}
+    if not classes:
+        raise NonImageDicomError(path, "is a DICOM file without a SOP class; it cannot be told to be an image")
+    for uid in sorted(classes):
+        name = UID(uid).name
+        if not name.endswith("Image Storage"):
+            what = name if name != uid else "unknown (private or retired)"
+            raise NonImageDicomError(path, f"is a DICOM {what} object (SOP class {uid}), not an image; upload the "
+                                           "image it refers to (CT, MR, PET, ... image storage)")
+    if "PixelSpacing" in ds:
+        try:
+            spacing = [float(v) for v in ds.PixelSpacing]
+        except (TypeError, ValueError):
+            raise SpacingError(path, f"its DICOM Pixel Spacing {ds['PixelSpacing'].value!r} is not two numbers") \
+                from None
+        _check_geometry_values(path, "DICOM Pixel Spacing", spacing, {})
+
+
+def _check_untrusted_file(path: Path) -> _Sniffed:
+    """Header checks of an untrusted file, before ITK opens it; returns its format."""
+    sniffed = _sniff(path)
+    if sniffed.fmt == "nrrd":
+        _check_nrrd_header(path, sniffed.lines)
+    elif sniffed.fmt == "meta":
+        _check_meta_header(path, sniffed.lines)
+    elif sniffed.fmt == "nifti":
+        _check_nifti_header(path)
+    else:
+        _check_dicom_object(path)
+    return sniffed
+
+
+def _check_meta_inflation(path: Path, lines: tuple[str, ...], cfg: Settings) -> None:
+    """A compressed MetaImage's zlib stream may inflate to its declared voxels plus the slack only."""
+    f = _fields(lines, "=")
+    if f.get("compresseddata", "").lower() != "true":
+        return
+    try:
+        sizes = [int(v) for v in f.get("dimsize", "").split()]
+        per_value = _META_TYPE_BYTES[f.get("elementtype", "").upper()]
+        channels = int(f.get("elementnumberofchannels", "1"))
+    except (KeyError, ValueError):
+        return  # the reader rejects a header it cannot parse
+    declared = int(np.prod(sizes, dtype=np.int64)) * per_value * channels
+    cap = _inflate_cap(declared, cfg)
+    offset = sum(len(line.encode("latin-1")) + 1 for line in lines)  # the data follows the header's last "\n"
+    inflater, out = zlib.decompressobj(), 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while out <= cap and (chunk := fh.read(1 << 16)):
+            try:
+                out += len(inflater.decompress(chunk, cap + 1 - out))
+                while inflater.unconsumed_tail and out <= cap:
+                    out += len(inflater.decompress(inflater.unconsumed_tail, cap + 1 - out))
+            except zlib.error as e:
+                raise UnreadableImageError(path, f"is corrupt: its zlib data cannot be decompressed ({e})") from e
+            if inflater.eof:
+                break
+    if out > cap:
+        raise DecompressionBombError(path, f"its zlib data inflates to more than {_mib(cap)} although its header "
+                                           f"declares {_mib(declared)} of voxels; refused without inflating the rest")
+
+
+def _decode_cost(n_values: int, bytes_per_value: int) -> int:
+    """Bytes of memory a read of ``n_values`` stored values needs at its peak: ITK's buffer, numpy's copy
+    of it, the float32 result and a boolean mask during validation (an upper estimate)."""
+    return n_values * (2 * bytes_per_value + 4 + 1)
+
+
+class MemoryBudget:
+    """Bytes that concurrent decodes may hold at once, shared by the threads of a process.
+
+    ``with budget.reserve(n, ...)`` waits until ``n`` bytes are free (at most ``timeout`` seconds),
+    holds them for the block and gives them back after it, however the block ends.
+    """
+
+    def __init__(self, limit_bytes: int):
+        self.limit = int(limit_bytes)
+        self._used = 0
+        self._cond = threading.Condition()
+
+    @property
+    def used(self) -> int:
+        """Bytes reserved now."""
+        with self._cond:
+            return self._used
+
+    @contextlib.contextmanager
+    def reserve(self, nbytes: int, *, timeout: float, path: str | os.PathLike | None = None) -> Iterator[None]:
+        """Hold ``nbytes`` for the block; :class:`DecodeBudgetError` if they exceed the whole budget,
+        :class:`BudgetBusyError` if they are not free within ``timeout`` seconds."""
+        nbytes = int(nbytes)
+        if nbytes > self.limit:
+            raise DecodeBudgetError(path, f"needs about {_mib(nbytes)} of memory to decode, more than the "
+                                          f"server's decode budget of {_mib(self.limit)}")
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._used + nbytes > self.limit:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BudgetBusyError(path, f"cannot be decoded now: other uploads hold {_mib(self._used)} of "
+                                                f"the {_mib(self.limit)} decode budget; try again shortly")
+                self._cond.wait(left)
+            self._used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._used -= nbytes
+                self._cond.notify_all()
+
+
+_BUDGET: MemoryBudget | None = None
+_BUDGET_LOCK = threading.Lock()
+
+
+def decode_budget(settings: Settings | None = None) -> MemoryBudget:
+    """The one process-wide budget of every untrusted read (sized by ``untrusted_memory_budget_mb`` of
+    the settings given at its first use)."""
+    global _BUDGET
+    with _BUDGET_LOCK:
+        if _BUDGET is None:
+            from .settings import Settings
+
+            cfg = settings or Settings()
+            _BUDGET = MemoryBudget(int(cfg.untrusted_memory_budget_mb * 2**20))
+        return _BUDGET
+
+
+class _Guard:
+    """The extra checks of an untrusted read, called by :func:`_read` at the right moments."""
+
+    def __init__(self, settings: Settings, budget: MemoryBudget):
+        self.cfg = settings
+        self.budget = budget
+        self.sniffed: _Sniffed | None = None
+
+    def check_file(self, path: Path) -> str:
+        """Header checks before ITK opens the file; returns the ITK reader to use."""
+        self.sniffed = _check_untrusted_file(path)
+        return _ITK_IO[self.sniffed.fmt]
+
+    def check_series(self, folder: Path, files: list[str]) -> None:
+        for f in files:
+            _check_dicom_object(Path(f))
+
+    def check_size(self, path: Path, size: tuple[int, ...], pixel_id: int, ncomp: int) -> int:
+        """Refuse a small volume or one too costly to decode; returns the bytes to reserve."""
+        eff = list(size)
+        while len(eff) > 3 and eff[-1] == 1:
+            eff.pop()
+        least = self.cfg.untrusted_min_size
+        if min(eff) < least:
+            raise TooSmallError(path, f"has size {tuple(size)}: uploads need at least {least} voxels along each axis")
+        n = int(np.prod(size, dtype=np.int64)) * ncomp
+        cost = _decode_cost(n, sitk.Image([1, 1], pixel_id).GetSizeOfPixelComponent())
+        limit = int(self.cfg.untrusted_max_decode_mb * 2**20)
+        if cost > limit:
+            raise DecodeBudgetError(path, f"declares {n} voxels (size {tuple(size)}) that need about {_mib(cost)} of "
+                                          f"memory to decode, more than the per-upload limit of {_mib(limit)}")
+        return cost
+
+    def check_data(self, path: Path) -> None:
+        if self.sniffed is not None and self.sniffed.fmt == "meta":
+            _check_meta_inflation(path, self.sniffed.lines, self.cfg)
+
+    def reserve(self, path: Path, cost: int):
+        return self.budget.reserve(cost, timeout=self.cfg.untrusted_budget_wait_s, path=path)
+
+    @staticmethod
+    def check_geometry(path: Path, img: sitk.Image) -> None:
+        spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+        _check_geometry_values(path, "geometry", list(spacing), {"origin": list(origin), "direction": list(direction)})
+        d = int(round(math.sqrt(len(direction))))
+        if abs(np.linalg.det(np.asarray(direction).reshape(d, d))) < 1e-6:
+            raise GeometryError(path, f"has a singular direction matrix {tuple(direction)}")
+
+
 # ------------------------------------------------------------------------------------- read_image
 
 def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: int | None = None,
-               dtype=np.float32) -> Image:
+               dtype=np.float32, untrusted: bool = False, settings: Settings | None = None) -> Image:
     """Read a NIfTI/NRRD/MetaImage file, a DICOM file or a folder holding a DICOM series.
 
     Checks run in this order, so that nothing large is read before it is known to be wanted: the file
     exists and is not empty; the header is whole and declares a non-zero, scalar, 3-D size within
     ``max_voxels``; the file holds all the voxel data its header declares (and, for NIfTI, no NaN/Inf
-    that ITK would turn into 0); then the voxels are read and validated (finite, not constant); a
-    DICOM series must also have evenly spaced slices and no unreadable DICOM file beside it.
+    that ITK would turn into 0; gzip data may not inflate to much more than declared); then the voxels
+    are read and validated (finite, not constant); a DICOM series must also have evenly spaced slices
+    and no unreadable DICOM file beside it.
 
     Args:
         path: file or folder.
         require_3d: reject 2-D images (a single-slice DICOM, a PNG) with :class:`DimensionError`.
         max_voxels: refuse larger images before reading their voxels (default from settings).
         dtype: dtype of the returned array (``None`` keeps the stored type).
+        untrusted: the file comes from a client: apply every check of :func:`read_untrusted_image`.
+        settings: limits (default ``Settings()``).
 
     Returns:
         A validated :class:`Image` (finite, non-constant).
@@ -502,64 +1024,136 @@ def read_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: 
         TooLargeError: more voxels than ``max_voxels``.
         EmptyImageError: no voxels, or every voxel the same.
         NonFiniteError: NaN or infinite voxels.
+        DecompressionBombError: gzip data that inflates far beyond what the header declares.
     """
-    from .settings import get_settings
+    if untrusted:
+        return read_untrusted_image(path, require_3d=require_3d, max_voxels=max_voxels, dtype=dtype,
+                                    settings=settings)
+    return _read(Path(path), require_3d=require_3d, max_voxels=max_voxels, dtype=dtype, settings=settings)
 
-    path = Path(path)
+
+def read_untrusted_image(path: str | os.PathLike, *, require_3d: bool = True, max_voxels: int | None = None,
+                         dtype=np.float32, allow_constant: bool = False, settings: Settings | None = None,
+                         budget: MemoryBudget | None = None) -> Image:
+    """:func:`read_image` for a file from a client (an upload): every check of ``read_image``, and
+    refusals of what a crafted file could do to the process (see "untrusted input" above).
+
+    The header is read here before ITK opens the file, and ITK is told which reader to use.
+
+    Args:
+        path: the uploaded file (or a folder holding a DICOM series).
+        require_3d, max_voxels, dtype: as for :func:`read_image`.
+        allow_constant: accept a volume whose voxels all have one value (an all-zero label).
+        settings: the ``untrusted_*`` limits and ``max_voxels`` (default ``Settings()``).
+        budget: the memory budget shared by concurrent reads (default: :func:`decode_budget`).
+
+    Raises:
+        Everything :func:`read_image` raises, and
+        DetachedDataError: the header takes its voxels from another file (or is an Analyze/NIfTI pair).
+        NonImageDicomError: a DICOM object that is not an image (SEG, SR, RT, PR, KOS, ...), named.
+        SpacingError, GeometryError: non-finite, zero or negative spacing; non-finite origin/direction.
+        TooSmallError: fewer than ``untrusted_min_size`` voxels along an axis.
+        DecompressionBombError: compressed data inflates to more than declared plus the slack.
+        DecodeBudgetError: decoding would need more than ``untrusted_max_decode_mb`` (413 over HTTP).
+        BudgetBusyError: concurrent uploads hold the shared budget for longer than the wait allows.
+    """
+    from .settings import Settings
+
+    cfg = settings or Settings()
+    guard = _Guard(cfg, budget or decode_budget(cfg))
+    return _read(Path(path), require_3d=require_3d, max_voxels=max_voxels, dtype=dtype, settings=cfg,
+                 guard=guard, allow_constant=allow_constant)
+
+
+def _read(path: Path, *, require_3d: bool, max_voxels: int | None, dtype, settings: Settings | None,
+          guard: _Guard | None = None, allow_constant: bool = False) -> Image:
+    """The one reader behind :func:`read_image` (``guard`` None) and :func:`read_untrusted_image`."""
+    from .settings import Settings
+
+    cfg = settings or Settings()
     if max_voxels is None:
-        max_voxels = get_settings().max_voxels
+        max_voxels = cfg.max_voxels
     if not path.exists():
         raise UnreadableImageError(path, "no such file or folder")
     layout: _Layout | None = None
-    try:
-        if path.is_dir():
-            files = _series_files(path)
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(files)
-            reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
-            probe = sitk.ImageFileReader()
-            probe.SetFileName(files[0])
-            probe.ReadImageInformation()
-            size = tuple(probe.GetSize()[:2]) + (len(files),)
-            _check_header(path, size, probe.GetNumberOfComponents(), require_3d, max_voxels)
-            img = reader.Execute()
-            _check_slice_positions(path, reader, img)
-        else:
-            if path.stat().st_size == 0:
-                raise UnreadableImageError(path, "file is empty (0 bytes)")
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            dicom_file = _is_dicom_file(path)
-            if dicom_file:
-                reader.SetImageIO("GDCMImageIO")
-            layout = _file_layout(path)
-            reader.ReadImageInformation()
-            _check_header(path, tuple(reader.GetSize()), reader.GetNumberOfComponents(), require_3d,
-                          max_voxels)
-            _check_data(path, layout)
-            img = reader.Execute()
-            if dicom_file:
-                img = _multiframe_spacing(reader, img)
-    except ImageError:
-        raise
-    except RuntimeError as e:
-        _check_data(path, layout)  # a file cut short can fail in ITK: say "truncated" if it is
-        raise UnreadableImageError(path, _itk_problem(e)) from e
-    except (OSError, EOFError) as e:
-        raise UnreadableImageError(path, f"cannot be read: {e}") from e
+    # Holds an untrusted read's share of the decode budget from just before ITK decodes the voxels until
+    # the returned array is validated, so that concurrent uploads never decode more than the budget.
+    with contextlib.ExitStack() as held:
+        try:
+            if path.is_dir():
+                files = _series_files(path)
+                if guard is not None:
+                    guard.check_series(path, files)
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(files)
+                reader.MetaDataDictionaryArrayUpdateOn()  # per-slice positions, for the spacing check
+                probe = sitk.ImageFileReader()
+                probe.SetFileName(files[0])
+                if guard is not None:
+                    probe.SetImageIO("GDCMImageIO")
+                    reader.SetImageIO("GDCMImageIO")
+                probe.ReadImageInformation()
+                size = tuple(probe.GetSize()[:2]) + (len(files),)
+                _check_header(path, size, probe.GetNumberOfComponents(), require_3d, max_voxels)
+                if guard is not None:
+                    cost = guard.check_size(path, size, probe.GetPixelID(), probe.GetNumberOfComponents())
+                    held.enter_context(guard.reserve(path, cost))
+                img = reader.Execute()
+                _check_slice_positions(path, reader, img)
+            else:
+                if path.stat().st_size == 0:
+                    raise UnreadableImageError(path, "file is empty (0 bytes)")
+                reader = sitk.ImageFileReader()
+                reader.SetFileName(str(path))
+                if guard is not None:
+                    io_name = guard.check_file(path)  # before anything else opens the file's header
+                    reader.SetImageIO(io_name)  # never let ITK pick a reader by the content
+                    dicom_file = io_name == "GDCMImageIO"
+                    layout = _file_layout(path, meta=io_name == "MetaImageIO")
+                else:
+                    dicom_file = _is_dicom_file(path)
+                    if dicom_file:
+                        reader.SetImageIO("GDCMImageIO")
+                    layout = _file_layout(path)
+                reader.ReadImageInformation()
+                size = tuple(reader.GetSize())
+                _check_header(path, size, reader.GetNumberOfComponents(), require_3d, max_voxels)
+                cost = 0
+                if guard is not None:
+                    cost = guard.check_size(path, size, reader.GetPixelID(), reader.GetNumberOfComponents())
+                _check_data(path, layout, cfg)
+                if guard is not None:
+                    guard.check_data(path)
+                    held.enter_context(guard.reserve(path, cost))
+                img = reader.Execute()
+                if dicom_file:
+                    img = _multiframe_spacing(reader, img)
+        except ImageError:
+            raise
+        except RuntimeError as e:
+            _check_data(path, layout, cfg)  # a file cut short can fail in ITK: say "truncated" if it is
+            raise UnreadableImageError(path, _itk_problem(e)) from e
+        except (OSError, EOFError) as e:
+            raise UnreadableImageError(path, f"cannot be read: {e}") from e
 
-    # Drop trailing unit dimensions (4-D NIfTI with one volume).
-    while img.GetDimension() > 3 and img.GetSize()[-1] == 1:
-        ext = list(img.GetSize())
-        ext[-1] = 0
-        img = sitk.Extract(img, ext, [0] * img.GetDimension())
-    if img.GetDimension() == 3 and img.GetSize()[2] == 1 and not require_3d:
-        img = img[:, :, 0]
-    image = Image.from_sitk(img, source=str(path))
-    if dtype is not None:
-        image = replace(image, array=image.array.astype(dtype, copy=False))
-    validate(image)
-    return image
+        if guard is not None:
+            guard.check_geometry(path, img)
+        # Drop trailing unit dimensions (4-D NIfTI with one volume).
+        while img.GetDimension() > 3 and img.GetSize()[-1] == 1:
+            ext = list(img.GetSize())
+            ext[-1] = 0
+            img = sitk.Extract(img, ext, [0] * img.GetDimension())
+        if img.GetDimension() == 3 and img.GetSize()[2] == 1 and not require_3d:
+            img = img[:, :, 0]
+        image = Image.from_sitk(img, source=str(path))
+        del img  # ITK's buffer: the array is a copy
+        if dtype is not None:
+            image = replace(image, array=image.array.astype(dtype, copy=False))
+        if allow_constant:
+            _validate_values(image)
+        else:
+            validate(image)
+        return image
 
 
 def _multiframe_spacing(reader: sitk.ImageFileReader, img: sitk.Image) -> sitk.Image:
@@ -604,8 +1198,8 @@ def _first_line(e: BaseException) -> str:
 
 
 
-def validate(image: Image, path: str | os.PathLike | None = None) -> Image:
-    """Raise an :class:`ImageError` if ``image`` has no voxels, non-finite or constant values."""
+def _validate_values(image: Image, path: str | os.PathLike | None = None) -> None:
+    """Raise an :class:`ImageError` if ``image`` has no voxels or non-finite values."""
     path = path or image.source
     a = image.array
     if a.size == 0:
@@ -616,6 +1210,13 @@ def validate(image: Image, path: str | os.PathLike | None = None) -> Image:
             n_nan = int(np.isnan(a).sum())
             n_inf = int((~finite).sum()) - n_nan
             raise NonFiniteError(path, f"has {n_nan} NaN and {n_inf} infinite voxels")
+
+
+def validate(image: Image, path: str | os.PathLike | None = None) -> Image:
+    """Raise an :class:`ImageError` if ``image`` has no voxels, non-finite or constant values."""
+    path = path or image.source
+    _validate_values(image, path)
+    a = image.array
     lo, hi = a.min(), a.max()
     if lo == hi:
         raise EmptyImageError(path, f"is constant (every voxel is {lo.item()!r}); "

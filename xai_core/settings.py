@@ -79,6 +79,23 @@ class Settings(BaseSettings):
     token: str = Field("", description="bearer token every server route requires (XAI_TOKEN); empty = no auth")
     max_upload_mb: float = Field(512.0, description="largest request body the server accepts, MiB")
 
+    # Untrusted input (issue 17): limits of xai_core.io.read_untrusted_image (every upload) and of the
+    # server's JSON parameters. 8 voxels per axis is below any clinical series (a thick-slab MR has 20+
+    # slices) yet refuses the 1-4 voxel "volumes" that carry nothing to explain. Decoding costs about
+    # voxels x (2 x stored bytes + 5): a 256^3 float32 MR about 210 MiB, a 512x512x400 int16 CT about
+    # 900 MiB, a 512^3 float32 volume about 1.6 GiB (refused unless the per-upload limit is raised).
+    untrusted_min_size: int = Field(8, description="fewest voxels along each axis of an uploaded volume")
+    untrusted_max_decode_mb: float = Field(1024.0, description="most memory one upload may need to decode, MiB")
+    untrusted_memory_budget_mb: float = Field(2048.0, description="memory all uploads decoding at once may "
+                                                                  "need together (one budget per process), MiB")
+    untrusted_budget_wait_s: float = Field(10.0, description="how long an upload waits for room in the decode "
+                                                             "budget before it is refused (429)")
+    untrusted_gzip_slack_mb: float = Field(1.0, description="compressed voxel data may inflate to the declared "
+                                                            "size plus the larger of this (MiB) ...")
+    untrusted_gzip_slack_fraction: float = Field(0.10, description="... and this fraction of the declared size")
+    max_params_kb: int = Field(1024, description="largest JSON parameter body or 'params' form field, KiB")
+    max_params_depth: int = Field(32, description="deepest nesting of arrays/objects in JSON parameters")
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
