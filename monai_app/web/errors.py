@@ -7,8 +7,14 @@ the traceback in the log under the error id, so a user can quote the id and noth
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
+import sys
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +45,28 @@ def new_error_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+@functools.cache
+def _server_roots() -> tuple[str, ...]:
+    """Folders whose paths are the server's business: the datastore, temp, the code, the venv, home."""
+    roots = {tempfile.gettempdir(), sys.prefix, str(Path(__file__).resolve().parents[2]), os.path.expanduser("~")}
+    studies = os.environ.get("MONAI_LABEL_STUDIES")
+    if studies:
+        roots.add(studies)
+    roots |= {os.path.realpath(r) for r in roots}
+    return tuple(sorted((r for r in roots if r and r != "/"), key=len, reverse=True))
+
+
+@functools.cache
+def _server_path_pattern() -> re.Pattern[str]:
+    return re.compile("(?:" + "|".join(re.escape(r) for r in _server_roots()) + r")(?:/[^\s'\"<>]*)?")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every server path (under the datastore, temp, code, venv or home folder) replaced by
+    ``<server path>``: error details and stock MONAI Label replies must not reveal the server's layout."""
+    return _server_path_pattern().sub("<server path>", text) if text else text
+
+
 def error_response(status: int, detail: Any, *, where: str = "", exc: BaseException | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     """The JSON error reply; logs it with a fresh error id (5xx with the traceback)."""
@@ -47,7 +75,9 @@ def error_response(status: int, detail: Any, *, where: str = "", exc: BaseExcept
         log.error("error_id=%s %s -> %d %s", eid, where, status, detail, exc_info=exc)
     else:
         log.warning("error_id=%s %s -> %d %s", eid, where, status, detail)
-    return JSONResponse({"detail": detail, "error_id": eid}, status_code=status, headers=headers)
+    # The log keeps the detail as it was; the client never sees a server path.
+    shown = redact_paths(detail) if isinstance(detail, str) else detail
+    return JSONResponse({"detail": shown, "error_id": eid}, status_code=status, headers=headers)
 
 
 def describe(exc: BaseException) -> tuple[int, str]:
@@ -67,6 +97,8 @@ def describe(exc: BaseException) -> tuple[int, str]:
         return status, str(exc)
     if status == 503:
         return 503, str(exc)
+    if isinstance(status, int) and status >= 500 and getattr(exc, "expose_detail", False):
+        return status, str(exc)  # e.g. lib.datastore.LabelIntegrityError: names the label, no internals
     return 500, "internal error"
 
 

@@ -8,7 +8,10 @@ In front (same paths as MONAI Label, so its clients work unchanged):
 * ``PUT /datastore/image`` (and the deprecated ``PUT /datastore/``), ``PUT /datastore/label``: the
   upload is checked with ``xai_core.io`` first; images never replace an existing id; labels keep
   their earlier versions and get provenance.
-* ``POST /train/{trainer}``: the same call, off the event loop (``run_sync=true`` trains inline).
+* ``GET /datastore/label``: the current label, its bytes verified against the sha256 stored with it
+  (a mismatch is a 500 naming the label, never other bytes).
+* ``POST /train/{trainer}``: the same call, off the event loop (``run_sync=true`` trains inline), after
+  the trainer's ``check_request`` (no labels with the tag, bad values: 4xx at once).
 
 Added: ``/xai/explain/{task}``, ``/xai/jobs[/{id}]``, ``/xai/results/{id}/{file}`` and
 ``/xai/labels/{image}/{tag}/versions[/{file}]`` (see docs/http_api.md).
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from monailabel.endpoints.infer import send_response
 from monailabel.endpoints.train import run_model
 from monailabel.interfaces.utils.app import app_instance
@@ -116,10 +119,14 @@ async def infer(model: str, request: Request, background_tasks: BackgroundTasks,
     params, form = await read_params(request)
     req = _clean_params(task, params)
     upload = form.get("file") if form is not None else None
+    path: Path | None = None
     if isinstance(upload, UploadFile):
         path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
-        background_tasks.add_task(_remove, path)
-        await run_in_threadpool(check_image, path, upload.filename)
+        try:
+            await run_in_threadpool(check_image, path, upload.filename)
+        except BaseException:
+            _remove(path)  # a refused upload is deleted at once (a BackgroundTask runs only after a reply)
+            raise
         req.update(image=str(path), xai_image_id=None)
     elif session_id:
         session = app.sessions().get_session(session_id) if app.sessions() else None
@@ -130,7 +137,12 @@ async def infer(model: str, request: Request, background_tasks: BackgroundTasks,
         _image_uri(app, image)
         req.update(image=image, xai_image_id=image)
     req.update(model=model, xai_wants_file=output != "json")
-    result = await _in_worker(app, app.infer, req)
+    future = app.xai.submit(app.infer, req)
+    if path is not None:
+        # Deleted when the model is done with it, whatever happens to the request (an error, a
+        # client that hangs up while the worker still reads the file).
+        future.add_done_callback(lambda _f, p=path: _remove(p))
+    result = await asyncio.wrap_future(future)
     return send_response(app.datastore(), result, output or None, background_tasks)
 
 
@@ -232,13 +244,26 @@ async def put_label(request: Request, image: str, tag: str = "final"):
     path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
     try:
         await run_in_threadpool(check_label, path, upload.filename, image_uri)
-        info["sha256"] = await run_in_threadpool(sha256_of, path)
-        label_id = await run_in_threadpool(ds.save_label, image, str(path), tag, info)
+        # The datastore hashes the bytes it stores and numbers the version under its lock: the reply
+        # names the version this request stored, even with other clients saving the same label.
+        saved = await run_in_threadpool(ds.store_label, image, str(path), tag, info)
     finally:
         _remove(path)
-    res = app.on_save_label(image, label_id) or {}
-    version = (await run_in_threadpool(ds.get_label_info, image, tag)).get("version")
-    return {**res, "image": image, "label": label_id, "tag": tag, "version": version}
+    res = app.on_save_label(image, saved.label_id) or {}
+    return {**res, "image": image, "label": saved.label_id, "tag": tag, "version": saved.version,
+            "sha256": saved.sha256}
+
+
+@router.get("/datastore/label", summary="Download the current label (verified against its sha256)")
+async def get_label(label: str = "", tag: str = "final"):
+    if not label:
+        raise ApiError(400, "no label given: pass ?label=<image id>&tag=<tag>")
+    _check_path_id(label, "label")
+    tag = tag or "final"
+    _check_path_id(tag, "tag")
+    data, name, _ = await run_in_threadpool(_app().datastore().read_label, label, tag)
+    return Response(content=data, media_type="application/gzip" if name.endswith(".gz") else "application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @router.get("/xai/labels/{image}/{tag}/versions", summary="Current and earlier versions of a label")
@@ -260,10 +285,9 @@ async def label_versions(image: str, tag: str):
 async def label_version_file(image: str, tag: str, file: str):
     for value, what in ((image, "image"), (tag, "tag"), (file, "file")):
         _check_path_id(value, what)
-    path = _app().datastore().label_version_path(image, tag, file)
-    if path is None:
-        raise ApiError(404, f"no version {file!r} of label {tag!r} for image {image!r}")
-    return FileResponse(path, media_type="application/gzip", filename=f"{image}_{tag}_{file}")
+    data, _ = await run_in_threadpool(_app().datastore().read_label_version, image, tag, file)
+    return Response(content=data, media_type="application/gzip",
+                    headers={"Content-Disposition": f'attachment; filename="{image}_{tag}_{file}"'})
 
 
 # -- training -----------------------------------------------------------------------------------------
@@ -274,4 +298,8 @@ async def train(model: str, request: Request, run_sync: bool = False, enqueue: b
     if model not in app._trainers:
         raise ApiError(404, f"unknown trainer {model!r}; available: {sorted(app._trainers)}")
     params, _ = await read_params(request)
+    check = getattr(app._trainers[model], "check_request", None)
+    if check is not None:
+        # Refuse what would only fail later in the background process (no labels, bad values): 4xx now.
+        await run_in_threadpool(check, params, app.datastore())
     return await run_in_threadpool(run_model, model, params or None, run_sync, enqueue)
