@@ -733,8 +733,7 @@ def _check_nrrd_header(path: Path, lines: tuple[str, ...]) -> None:
             for n, v in enumerate(vectors):
                 vec = _floats(v)
                 other[f"space direction {n}"] = vec
-                if all(math.isfinite(x) for x in vec):
-                    spacing.append(float(np.linalg.norm(vec)))
+                spacing.append(float(np.linalg.norm(vec)))  # an axis' spacing is its vector's length
         if "space origin" in f:
             other["space origin"] = _floats(f["space origin"])
     except ValueError:
