@@ -49,7 +49,7 @@ from scipy import ndimage
 from .io import Image
 from .mni import HarvardOxford, load_harvard_oxford, load_template
 from .registration import RegistrationResult
-from .settings import get_settings
+from .settings import Settings
 
 __all__ = ["LOBES", "lobe_of", "readable_name", "StructureOverlap", "Labelling", "label_region", "lps_to_ras"]
 
@@ -188,10 +188,11 @@ def _mm(v) -> tuple[float, float, float]:
     return tuple(round(float(x), 1) for x in v)  # type: ignore[return-value]
 
 
-def _hemisphere(mask_mni: np.ndarray, x_lps_of_i: np.ndarray) -> tuple[str, bool, int]:
+def _hemisphere(mask_mni: np.ndarray, x_lps_of_i: np.ndarray, *,
+                settings: Settings | None = None) -> tuple[str, bool, int]:
     """Side of a non-empty MNI mask (rule in the module docstring), whether a significant part
-    crosses the midline, and the number of components."""
-    cfg = get_settings()
+    crosses the midline, and the number of components (fractions from ``settings``)."""
+    cfg = settings or Settings()
     lab, n = ndimage.label(mask_mni, structure=np.ones((3, 3, 3), bool))
     left_col = x_lps_of_i > 0  # along i (the template's i axis is LPS x)
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
@@ -212,7 +213,7 @@ def _hemisphere(mask_mni: np.ndarray, x_lps_of_i: np.ndarray) -> tuple[str, bool
 
 
 def label_region(mask: Image, registration: RegistrationResult, saliency: Image | None = None, *,
-                 atlas: HarvardOxford | None = None) -> Labelling:
+                 atlas: HarvardOxford | None = None, settings: Settings | None = None) -> Labelling:
     """Label ``mask`` (any non-zero voxel is in; input grid) with the Harvard-Oxford atlas.
 
     Args:
@@ -220,11 +221,12 @@ def label_region(mask: Image, registration: RegistrationResult, saliency: Image 
         registration: the input's registration to MNI (:func:`~xai_core.registration.register_to_mni`).
         saliency: optional saliency map on the same grid (peak and per-structure saliency share).
         atlas: the atlas (default :func:`~xai_core.mni.load_harvard_oxford`).
+        settings: the ``atlas_*`` limits (default ``Settings()``).
 
     Returns:
         a :class:`Labelling`; an empty mask gives no structures and hemisphere ``none``.
     """
-    cfg = get_settings()
+    cfg = settings or Settings()
     atlas = atlas or load_harvard_oxford()
     template = load_template()
     ref = atlas.reference
@@ -235,7 +237,7 @@ def label_region(mask: Image, registration: RegistrationResult, saliency: Image 
         notes.append(f"registration likely failed ({registration.reason}): anatomical labels are unreliable")
 
     mask_img = mask.with_array(m.astype(np.uint8)).to_sitk()
-    mask_mni = sitk.GetArrayFromImage(sitk.Resample(mask_img, ref, registration.resampling_transform(),
+    mask_mni = sitk.GetArrayFromImage(sitk.Resample(mask_img, ref, registration.resampling_transform(settings=cfg),
                                                     sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)) > 0
     # The template's i axis is LPS x; the physical x of each i column decides the side.
     if not np.allclose(np.abs(np.reshape(template.GetDirection(), (3, 3))), np.eye(3)):
@@ -247,7 +249,7 @@ def label_region(mask: Image, registration: RegistrationResult, saliency: Image 
     sal_mni = None
     if saliency is not None:
         sal_img = saliency.with_array(np.asarray(saliency.array, dtype=np.float32)).to_sitk()
-        sal_mni = sitk.GetArrayFromImage(sitk.Resample(sal_img, ref, registration.resampling_transform(),
+        sal_mni = sitk.GetArrayFromImage(sitk.Resample(sal_img, ref, registration.resampling_transform(settings=cfg),
                                                        sitk.sitkLinear, 0.0, sitk.sitkFloat32))
         brain = sitk.GetArrayViewFromImage(template) > 0
         sal_mni = np.where(brain, np.clip(sal_mni, 0, None), 0.0)
@@ -292,7 +294,7 @@ def label_region(mask: Image, registration: RegistrationResult, saliency: Image 
         lobes[lobe] = lobes.get(lobe, 0.0) + counts[s] / n_vox
     lobes = {k: round(float(v), 4) for k, v in sorted(lobes.items(), key=lambda kv: -kv[1])}
 
-    hemisphere, crossing, n_comp = _hemisphere(mask_mni, x_of_i)
+    hemisphere, crossing, n_comp = _hemisphere(mask_mni, x_of_i, settings=cfg)
     kk, jj, ii = np.nonzero(mask_mni)
     centroid = template.TransformContinuousIndexToPhysicalPoint([float(ii.mean()), float(jj.mean()), float(kk.mean())])
     return Labelling(

@@ -37,7 +37,7 @@ from scipy import ndimage
 from .io import Image
 from .mni import load_template
 from .registration import RegistrationResult, warp_from_mni
-from .settings import get_settings
+from .settings import Settings
 
 __all__ = ["InFiller", "TemplateInFiller", "CounterfactualResult", "counterfactual", "grow_region"]
 
@@ -80,13 +80,15 @@ class TemplateInFiller:
         dilation_mm: growth of the region (default ``Settings.counterfactual_dilation_mm``).
         blend_mm: Gaussian sigma of the blend outside the grown region (default
             ``Settings.counterfactual_blend_mm``).
+        settings: where the defaults come from (default ``Settings()``); kept for the warp.
     """
 
     name = "registered-template"
 
     def __init__(self, registration: RegistrationResult, dilation_mm: float | None = None,
-                 blend_mm: float | None = None):
-        cfg = get_settings()
+                 blend_mm: float | None = None, *, settings: Settings | None = None):
+        cfg = settings or Settings()
+        self.settings = cfg
         self.registration = registration
         self.dilation_mm = cfg.counterfactual_dilation_mm if dilation_mm is None else float(dilation_mm)
         self.blend_mm = cfg.counterfactual_blend_mm if blend_mm is None else float(blend_mm)
@@ -108,7 +110,7 @@ class TemplateInFiller:
             return image
         sp = tuple(float(s) for s in image.spacing[::-1])
         grown = grow_region(region, sp, self.dilation_mm)
-        tpl = warp_from_mni(load_template(), self.registration, image, "linear", 0.0)
+        tpl = warp_from_mni(load_template(), self.registration, image, "linear", 0.0, settings=self.settings)
         a = np.asarray(image.array, dtype=np.float32)
         fill = self._matched(a, tpl, grown, sp)
         # Blend weight: 1 on the grown region, a Gaussian fall-off (sigma blend_mm) outside it.

@@ -62,7 +62,7 @@ import SimpleITK as sitk
 
 from .io import Image
 from .mni import load_template
-from .settings import get_settings
+from .settings import Settings
 
 __all__ = ["RegistrationResult", "register_to_mni", "check_registration", "mni_grid", "warp_to_mni", "warp_from_mni",
            "load_registration"]
@@ -134,6 +134,9 @@ class RegistrationResult:
         reason: why it likely failed (None otherwise).
         seconds: wall time of the registration, quality check included.
         stop: the optimizer's stop condition of the last stage.
+        grid_spacing_mm: spacing of the MNI grid it was registered on (the grid a B-spline stage is
+            sampled on for :meth:`inverse` and :meth:`resampling_transform`); None (a result built
+            elsewhere) falls back to ``Settings.registration_spacing_mm``.
     """
 
     transform: sitk.Transform
@@ -146,6 +149,7 @@ class RegistrationResult:
     reason: str | None
     seconds: float
     stop: str = ""
+    grid_spacing_mm: float | None = None
     _inverse: sitk.Transform | None = field(default=None, repr=False, compare=False)
     _fast: sitk.Transform | None = field(default=None, repr=False, compare=False)
 
@@ -157,19 +161,27 @@ class RegistrationResult:
             t = sitk.CompositeTransform(t).GetNthTransform(0)
         return sitk.AffineTransform(t)
 
-    def inverse(self) -> sitk.Transform:
+    def _grid(self, settings: Settings | None) -> sitk.Image:
+        """The fixed MNI grid of this registration (module docstring)."""
+        spacing = self.grid_spacing_mm
+        if spacing is None:
+            spacing = (settings or Settings()).registration_spacing_mm
+        return mni_grid(float(spacing))[0]
+
+    def inverse(self, *, settings: Settings | None = None) -> sitk.Transform:
         """Input physical point -> MNI physical point (LPS mm), cached.
 
         Exact for the affine. With a B-spline stage, the B-spline is sampled as a displacement field
         on the 2.5 mm MNI grid and inverted iteratively (sub-millimetre error for the smooth, small
-        deformations this stage finds)."""
+        deformations this stage finds). ``settings`` gives the grid when :attr:`grid_spacing_mm` is
+        None (default ``Settings()``)."""
         if self._inverse is None:
             a_inv = self.affine.GetInverse()
             if self.kind == "affine":
                 self._inverse = a_inv
             else:
                 bspline = sitk.CompositeTransform(self.transform).GetNthTransform(1)
-                fixed, _ = mni_grid(float(get_settings().registration_spacing_mm))
+                fixed = self._grid(settings)
                 disp = sitk.TransformToDisplacementField(bspline, sitk.sitkVectorFloat64, fixed.GetSize(),
                                                          fixed.GetOrigin(), fixed.GetSpacing(),
                                                          fixed.GetDirection())
@@ -180,16 +192,17 @@ class RegistrationResult:
                 self._inverse = sitk.CompositeTransform([sitk.DisplacementFieldTransform(inv), a_inv])
         return self._inverse
 
-    def resampling_transform(self) -> sitk.Transform:
+    def resampling_transform(self, *, settings: Settings | None = None) -> sitk.Transform:
         """:attr:`transform` for resampling whole volumes, cached: the affine itself, or with a B-spline
         stage the B-spline sampled once as a displacement field on the 2.5 mm MNI grid (trilinear
         look-ups instead of 64 control points per voxel: a 1 mm MNI volume in about a second instead
-        of six; the field reproduces the smooth B-spline to well under a millimetre)."""
+        of six; the field reproduces the smooth B-spline to well under a millimetre). ``settings`` as
+        for :meth:`inverse`."""
         if self.kind == "affine":
             return self.transform
         if self._fast is None:
             bspline = sitk.CompositeTransform(self.transform).GetNthTransform(1)
-            fixed, _ = mni_grid(float(get_settings().registration_spacing_mm))
+            fixed = self._grid(settings)
             disp = sitk.TransformToDisplacementField(bspline, sitk.sitkVectorFloat64, fixed.GetSize(),
                                                      fixed.GetOrigin(), fixed.GetSpacing(), fixed.GetDirection())
             self._fast = sitk.CompositeTransform([self.affine, sitk.DisplacementFieldTransform(disp)])
@@ -217,11 +230,12 @@ class RegistrationResult:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the transform (``sitk.WriteTransform``; ``.tfm`` or ``.h5``) and its quality
-        figures beside it (``<path>.json``). Returns the transform's path."""
+        figures beside it (``<path>.json``, with :attr:`grid_spacing_mm`). Returns the transform's path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         sitk.WriteTransform(self.transform, str(path))
-        Path(str(path) + ".json").write_text(json.dumps(self.quality(), indent=2))
+        Path(str(path) + ".json").write_text(json.dumps({**self.quality(), "grid_spacing_mm": self.grid_spacing_mm},
+                                                        indent=2))
         return path
 
 
@@ -240,7 +254,7 @@ def load_registration(path: str | os.PathLike) -> RegistrationResult:
             raise ValueError(f"{path}: expected an affine and a B-spline transform, found {tx.GetNumberOfTransforms()}")
     return RegistrationResult(transform=tx, kind=q["kind"], metric=q["metric_value"], ncc=q["ncc"], dice=q["dice"],
                               det=q["det"], likely_failed=q["likely_failed"], reason=q["reason"],
-                              seconds=q["seconds"], stop=q.get("stop", ""))
+                              seconds=q["seconds"], stop=q.get("stop", ""), grid_spacing_mm=q.get("grid_spacing_mm"))
 
 
 # ---------------------------------------------------------------------------------- registration
@@ -254,18 +268,20 @@ def _method(sampling: float, seed: int) -> sitk.ImageRegistrationMethod:
     return r
 
 
-def register_to_mni(image: Image, *, bspline: bool | None = None, seed: int = 1) -> RegistrationResult:
+def register_to_mni(image: Image, *, bspline: bool | None = None, seed: int = 1,
+                    settings: Settings | None = None) -> RegistrationResult:
     """Register ``image`` (any geometry, LPS) to the MNI152 template (method in the module docstring).
 
     Args:
         image: a 3-D brain image; its intensities need not be normalised.
         bspline: add the deformable stage (default ``Settings.registration_bspline``).
         seed: seed of the metric's random sampling (same seed, same result).
+        settings: grid, sampling, iterations, B-spline stage and quality gates (default ``Settings()``).
 
     Returns:
         a :class:`RegistrationResult`; check ``likely_failed`` before trusting anything mapped with it.
     """
-    cfg = get_settings()
+    cfg = settings or Settings()
     bspline = cfg.registration_bspline if bspline is None else bspline
     t0 = time.perf_counter()
     spacing = float(cfg.registration_spacing_mm)
@@ -321,9 +337,9 @@ def register_to_mni(image: Image, *, bspline: bool | None = None, seed: int = 1)
         except RuntimeError as e:
             failure = f"B-spline optimisation failed: {str(e).strip().splitlines()[-1][:200]}"
 
-    q = _assess(moving, transform, _det(affine), fixed, brain, failure)
+    q = _assess(moving, transform, _det(affine), fixed, brain, failure, settings=cfg)
     return RegistrationResult(transform=transform, kind=kind, metric=metric, seconds=time.perf_counter() - t0,
-                              stop=stop, **q)
+                              stop=stop, grid_spacing_mm=spacing, **q)
 
 
 def _det(transform: sitk.Transform) -> float:
@@ -337,9 +353,9 @@ def _det(transform: sitk.Transform) -> float:
 
 
 def _assess(moving: sitk.Image, transform: sitk.Transform, det: float, fixed: sitk.Image, brain: sitk.Image,
-            failure: str | None = None) -> dict[str, Any]:
-    """Quality figures and the failure flag (gates in the module docstring)."""
-    cfg = get_settings()
+            failure: str | None = None, *, settings: Settings | None = None) -> dict[str, Any]:
+    """Quality figures and the failure flag (gates in the module docstring; thresholds from ``settings``)."""
+    cfg = settings or Settings()
     ncc, dice = _quality(moving, transform, fixed, brain)
     reasons = [failure] if failure else []
     if not np.isfinite(ncc) or ncc < cfg.registration_min_ncc:
@@ -352,13 +368,16 @@ def _assess(moving: sitk.Image, transform: sitk.Transform, det: float, fixed: si
     return {"ncc": ncc, "dice": dice, "det": det, "likely_failed": bool(reasons), "reason": "; ".join(reasons) or None}
 
 
-def check_registration(image: Image, transform: sitk.Transform) -> dict[str, Any]:
+def check_registration(image: Image, transform: sitk.Transform, *,
+                       settings: Settings | None = None) -> dict[str, Any]:
     """Quality figures of any MNI -> input ``transform`` for ``image``: ``ncc``, ``dice``, ``det``,
     ``likely_failed`` and ``reason``, by the gates :func:`register_to_mni` applies (for checking a
-    transform from elsewhere, or the gates themselves)."""
-    spacing = float(get_settings().registration_spacing_mm)
+    transform from elsewhere, or the gates themselves); grid and gates from ``settings`` (default
+    ``Settings()``)."""
+    cfg = settings or Settings()
+    spacing = float(cfg.registration_spacing_mm)
     fixed, brain = mni_grid(spacing)
-    return _assess(_moving(image, spacing), transform, _det(transform), fixed, brain)
+    return _assess(_moving(image, spacing), transform, _det(transform), fixed, brain, settings=cfg)
 
 
 def _quality(moving: sitk.Image, transform: sitk.Transform, fixed: sitk.Image, brain: sitk.Image
@@ -397,18 +416,23 @@ def _otsu(values: np.ndarray, bins: int = 128) -> float:
 # --------------------------------------------------------------------------------------- warping
 
 def warp_to_mni(image: Image, registration: RegistrationResult, reference: sitk.Image | None = None,
-                interpolator: str = "linear", default: float = 0.0) -> np.ndarray:
+                interpolator: str = "linear", default: float = 0.0, *,
+                settings: Settings | None = None) -> np.ndarray:
     """``image`` (input grid) resampled into MNI space on ``reference`` (default: the 1 mm
-    template grid); float32 ``[k, j, i]``. Use ``"nearest"`` for label maps."""
+    template grid); float32 ``[k, j, i]``. Use ``"nearest"`` for label maps. ``settings``: see
+    :meth:`RegistrationResult.resampling_transform`."""
     ref = reference if reference is not None else load_template()
-    out = sitk.Resample(image.to_sitk(), ref, registration.resampling_transform(), _INTERP[interpolator],
+    tx = registration.resampling_transform(settings=settings)
+    out = sitk.Resample(image.to_sitk(), ref, tx, _INTERP[interpolator],
                         float(default), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
 
 def warp_from_mni(mni_image: sitk.Image, registration: RegistrationResult, target: Image,
-                  interpolator: str = "linear", default: float = 0.0) -> np.ndarray:
-    """An MNI-space image resampled onto ``target``'s grid (float32 ``[k, j, i]``)."""
-    out = sitk.Resample(mni_image, target.reference(), registration.inverse(), _INTERP[interpolator],
+                  interpolator: str = "linear", default: float = 0.0, *,
+                  settings: Settings | None = None) -> np.ndarray:
+    """An MNI-space image resampled onto ``target``'s grid (float32 ``[k, j, i]``). ``settings``: see
+    :meth:`RegistrationResult.inverse`."""
+    out = sitk.Resample(mni_image, target.reference(), registration.inverse(settings=settings), _INTERP[interpolator],
                         float(default), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
