@@ -37,6 +37,7 @@ from xai_core.atlas import label_region  # noqa: E402
 from xai_core.data.brain import make_brain_studies, read_manifest  # noqa: E402
 from xai_core.io import read_image  # noqa: E402
 from xai_core.registration import register_to_mni  # noqa: E402
+from xai_core.settings import Settings  # noqa: E402
 
 
 def _studies(data: Path, n: int, seed: int) -> list[dict]:
@@ -59,20 +60,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="JSON file for per-study results")
     a = p.parse_args(argv)
 
+    cfg = Settings()
     rows = _studies(Path(a.data), a.n, a.seed)
     model = None
     if a.methods:
         from xai_core.models import load
-        from xai_core.settings import get_settings
 
-        weights = Path(a.weights_dir) if a.weights_dir else get_settings().weights_dir
-        model = load("brain-lesion-3d", weights_dir=weights)
+        weights = Path(a.weights_dir) if a.weights_dir else cfg.weights_dir
+        model = load("brain-lesion-3d", weights_dir=weights, settings=cfg)
     results = []
     for r in rows:
         image, gt = read_image(r["image"]), read_image(r["mask"])
-        reg = register_to_mni(image, bspline=a.bspline)
+        reg = register_to_mni(image, bspline=a.bspline, settings=cfg)
         t = time.perf_counter()
-        lab = label_region(gt, reg)
+        lab = label_region(gt, reg, settings=cfg)
         label_s = time.perf_counter() - t
         res = {"study": r["study_id"], "label": r["label"], "format": r["format"],
                "truth_top": r["top_structure"], "truth_hemisphere": r["hemisphere"],
@@ -83,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in a.methods:
             from xai_core.pipeline import explain
 
-            exp = explain(image, method, model=model, target=r["label"] if a.target == "true" else None)
-            ml = label_region(exp.mask_image(), reg, exp.primary)
+            exp = explain(image, method, model=model, target=r["label"] if a.target == "true" else None,
+                          settings=cfg)
+            ml = label_region(exp.mask_image(), reg, exp.primary, settings=cfg)
             res[method] = {"predicted": exp.prediction.label, "top": ml.top_structure, "hemisphere": ml.hemisphere,
                            "top_ok": ml.top_structure == r["top_structure"],
                            "hemisphere_ok": ml.hemisphere == r["hemisphere"],

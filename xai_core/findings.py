@@ -18,6 +18,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .settings import Settings
+
 __all__ = ["SCHEMA_VERSION", "Findings", "QualityFlag", "build_findings", "findings_json_schema", "quality_flags"]
 
 SCHEMA_VERSION = "1.0"
@@ -201,7 +203,8 @@ def quality_flags(f: Findings) -> list[QualityFlag]:
 
 
 def build_findings(exp, *, model=None, registration=None, bspline: bool | None = None,
-                   infiller=None, with_counterfactual: bool = True) -> dict[str, Any]:
+                   infiller=None, with_counterfactual: bool = True,
+                   settings: Settings | None = None) -> dict[str, Any]:
     """Findings for an explanation, as a JSON-ready dict that validates against :class:`Findings`.
 
     Args:
@@ -213,6 +216,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         bspline: add the deformable stage when registering here (default: settings).
         infiller: the counterfactual in-filler (default: :class:`~xai_core.counterfactual.TemplateInFiller`).
         with_counterfactual: False skips the counterfactual (recorded as skipped).
+        settings: passed to the registration, the labelling, the in-filler and the model loader
+            (default ``Settings()``).
 
     Returns:
         ``Findings.model_dump(mode="json")``.
@@ -221,11 +226,12 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
     from .counterfactual import TemplateInFiller, counterfactual
     from .registration import register_to_mni
 
+    cfg = settings or Settings()
     s = exp.summary()
     card = exp.model_card
-    reg = registration if registration is not None else register_to_mni(exp.image, bspline=bspline)
+    reg = registration if registration is not None else register_to_mni(exp.image, bspline=bspline, settings=cfg)
     empty = bool(exp.mask.empty) or not bool(exp.mask.mask.any())
-    lab = label_region(exp.mask_image(), reg, exp.primary)
+    lab = label_region(exp.mask_image(), reg, exp.primary, settings=cfg)
     location = LocationInfo(region=f"{exp.method} explanation mask of {exp.targets[0]}", **{
         k: v for k, v in lab.to_dict().items() if k not in ("mni_voxels", "registration_failed")})
 
@@ -237,8 +243,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         if model is None:
             from .models import load
 
-            model = load(card["name"])
-        res = counterfactual(exp.image, exp.mask.mask, model, infiller or TemplateInFiller(reg),
+            model = load(card["name"], settings=cfg)
+        res = counterfactual(exp.image, exp.mask.mask, model, infiller or TemplateInFiller(reg, settings=cfg),
                              prediction=exp.prediction)
         cf = CounterfactualInfo(status="done", **res.to_dict())
 

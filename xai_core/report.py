@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .atlas import LOBES, readable_name
+from .settings import Settings
 
 __all__ = ["ReportGuard", "ReportDraft", "draft_report", "render_report", "template_impression", "write_report"]
 
@@ -333,20 +334,19 @@ _PROMPT = ("You draft the Impression of a neuroradiology report from an AI model
 
 
 def draft_report(findings: dict[str, Any], *, llm_dir: str | Path | None = None,
-                 max_new_tokens: int | None = None) -> ReportDraft:
+                 max_new_tokens: int | None = None, settings: Settings | None = None) -> ReportDraft:
     """Draft the report for ``findings`` (a dict from :func:`~xai_core.findings.build_findings`).
 
     With ``llm_dir`` a local causal LM drafts the Impression and the guard checks it (module
-    docstring); otherwise, or on any rejection, the template writes it.
+    docstring); otherwise, or on any rejection, the template writes it. ``max_new_tokens`` defaults
+    to ``settings.report_llm_max_new_tokens`` (``settings`` default ``Settings()``).
     """
-    from .settings import get_settings
-
     impression, backend, llm = template_impression(findings), "template", None
     if llm_dir is not None:
         llm_dir = Path(llm_dir)
         if not llm_dir.is_dir():
             raise FileNotFoundError(f"language model folder {llm_dir} does not exist")
-        n = max_new_tokens or get_settings().report_llm_max_new_tokens
+        n = max_new_tokens or (settings or Settings()).report_llm_max_new_tokens
         try:
             text, error = _generate(llm_dir, _PROMPT.format(facts=json.dumps(_compact(findings))), n), None
         except Exception as e:  # a model that cannot load or generate must not cost the report
@@ -381,24 +381,27 @@ def draft_report(findings: dict[str, Any], *, llm_dir: str | Path | None = None,
     return ReportDraft(markdown="\n".join(md), backend=backend, impression=impression, llm=llm)
 
 
-def render_report(findings: dict[str, Any], *, llm_dir: str | Path | None = None) -> str:
+def render_report(findings: dict[str, Any], *, llm_dir: str | Path | None = None,
+                  settings: Settings | None = None) -> str:
     """The report for ``findings`` as a Markdown string (see :func:`draft_report`)."""
-    return draft_report(findings, llm_dir=llm_dir).markdown
+    return draft_report(findings, llm_dir=llm_dir, settings=settings).markdown
 
 
 def write_report(exp, out: str | Path, *, llm_dir: str | Path | None = None, model=None,
-                 registration=None) -> dict[str, Path]:
+                 registration=None, settings: Settings | None = None) -> dict[str, Path]:
     """Build the findings of explanation ``exp`` and write ``findings.json`` and ``report.md`` into
     ``out`` (with ``llm_dir`` also ``report_llm.json``: the generated text and the guard's record).
-    ``model`` and ``registration`` are passed to :func:`~xai_core.findings.build_findings`."""
+    ``model``, ``registration`` and ``settings`` (default ``Settings()``) are passed to
+    :func:`~xai_core.findings.build_findings`."""
     from .findings import build_findings
 
+    cfg = settings or Settings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    findings = build_findings(exp, model=model, registration=registration)
+    findings = build_findings(exp, model=model, registration=registration, settings=cfg)
     files = {"findings": out / "findings.json", "report": out / "report.md"}
     files["findings"].write_text(json.dumps(findings, indent=2))
-    draft = draft_report(findings, llm_dir=llm_dir)
+    draft = draft_report(findings, llm_dir=llm_dir, settings=cfg)
     files["report"].write_text(draft.markdown)
     if draft.llm is not None:
         files["report_llm"] = out / "report_llm.json"

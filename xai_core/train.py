@@ -28,7 +28,7 @@ from .io import Image, read_image
 from .metrics import dice, expected_calibration_error, per_class_auroc
 from .models import ModelCard, build_network, sha256
 from .models.grid import ModelGrid, normalise_intensity
-from .settings import get_settings, resolve_device
+from .settings import Settings, resolve_device
 
 log = logging.getLogger("xai.train")
 
@@ -135,21 +135,22 @@ def _evaluate_grid(net, images, masks, labels, device, batch: int = 8):
 def train(model: str, data_dir: Path, val_dir: Path | None = None, out_dir: Path = Path("runs/train"),
           epochs: int = 30, seed: int = 0, batch_size: int = 4, lr: float = 3e-3, resume: bool = False,
           workers: int = 2, init: Path | None = None, version: str = "1.0.0",
-          deep_supervision_weight: float = 0.5) -> Path:
+          deep_supervision_weight: float = 0.5, *, settings: Settings | None = None) -> Path:
     """Train ``model`` and write ``<name>.pt`` and ``<name>.json`` into ``out_dir``.
 
     ``init`` starts from the weights of an earlier run (a ``<name>.pt``) with a fresh optimiser and
     schedule: a second, lower-``lr`` stage. ``deep_supervision_weight`` weighs the coarse lesion loss
-    on the last encoder stage (architectures built with ``lesion_gate=True``). Returns the path
-    of the model card written.
+    on the last encoder stage (architectures built with ``lesion_gate=True``). ``settings`` gives
+    the threads, the device and the model grid (default ``Settings()``). Returns the path of the
+    model card written.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if model not in MODEL_SPECS:
         raise KeyError(f"unknown model {model!r}; trainable: {sorted(MODEL_SPECS)}")
-    s = get_settings()
+    s = settings or Settings()
     if s.num_threads:
         torch.set_num_threads(s.num_threads)
-    device = resolve_device()
+    device = resolve_device(s.device)
     spec = MODEL_SPECS[model]
     grid = ModelGrid(s.model_grid_size, s.model_grid_spacing_mm)
     out_dir.mkdir(parents=True, exist_ok=True)
