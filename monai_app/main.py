@@ -3,7 +3,9 @@
 MONAI Label loads this file and instantiates the one class whose *direct* base is
 ``MONAILabelApp``; keep it that way (an intermediate base class breaks discovery).
 
-``--conf`` keys (all optional): ``model`` (default ``brain-lesion-3d``), ``device`` (``auto``,
+``--conf`` keys (all optional): ``models`` (comma-separated model names, the first is the default
+whose tasks keep their plain names; the others' tasks are named ``<model>.<task>``) or ``model``
+(one model; default ``brain-lesion-3d``), ``device`` (``auto``,
 ``cpu``, ``cuda:0``; default ``XAI_DEVICE``), ``token`` (default ``XAI_TOKEN``), ``max_upload_mb``
 (default ``XAI_MAX_UPLOAD_MB``), ``results_dir``, ``results_keep``, ``jobs_keep``.
 """
@@ -11,9 +13,10 @@ MONAI Label loads this file and instantiates the one class whose *direct* base i
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
-from lib.configs import BrainLesionConfig
+from lib.configs import CONFIGS
 from lib.datastore import VersionedLocalDatastore
 from lib.options import AppOptions
 from lib.runtime import XAIRuntime
@@ -23,40 +26,72 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.train import TrainTask
 
 import xai_core
-from xai_core.settings import get_settings
 
 log = logging.getLogger("xai.app")
+
+
+def _refuse_unguarded_server(token: str) -> None:
+    """With a token, refuse to serve HTTP without the ``monai_app.asgi`` wrapper (auth, upload and id
+    checks, the route allow-list). MONAI Label's own processes that build the app without a server
+    (training, batch inference) do not import ``monailabel.app`` and are not affected."""
+    if not token or "monailabel.app" not in sys.modules:
+        return
+    asgi = sys.modules.get("monai_app.asgi")
+    if asgi is None or not getattr(asgi, "WRAPPED", False):
+        raise RuntimeError(
+            "a token is configured but the auth layer is not installed: this server would answer without "
+            "auth or upload checks. Start it with `xai serve` (or make serve), or add "
+            "`--uvicorn_app monai_app.asgi:app` to `monailabel start_server` with the repository on PYTHONPATH "
+            "(docs/server.md)")
 
 
 class XAIApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         # The runtime exists before MONAI Label's constructor, which calls init_datastore/init_infers.
         self.xai = XAIRuntime(AppOptions.from_conf(conf, studies))
-        self.task_config = BrainLesionConfig()
-        self.task_config.init("brain_lesion", str(get_settings().user_weights_dir), conf, None, runtime=self.xai)
+        _refuse_unguarded_server(self.xai.options.token)
+        self.task_configs = []
+        for name in self.xai.options.models:
+            kind = self.xai.cache(name).kind()
+            if kind not in CONFIGS:
+                raise ValueError(f"model {name!r} has kind {kind!r}, which the app does not serve ({sorted(CONFIGS)})")
+            config = CONFIGS[kind]()
+            config.init(name, str(self.xai.settings.user_weights_dir), conf, None, runtime=self.xai, model=name)
+            self.task_configs.append(config)
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="xai-brain-lesion",
-                         description="Explanations (Grad-CAM, Grad-CAM++, Score-CAM, ...) of a 3-D brain "
+                         description="Explanations (Grad-CAM, Grad-CAM++, Score-CAM, RE-LIG, IG, ...) of a 3-D brain "
                                      "lesion classifier, saliency masks, and corrected-label fine-tuning",
                          version=xai_core.__version__)
         self.xai.bind(self.infer)
-        if not self.xai.models.available():
-            log.warning("model %r has no weights yet: /info/ lists no tasks until its .json/.pt appear",
-                        self.xai.options.model)
+        for name, cache in self.xai.caches.items():
+            if not cache.available():
+                log.warning("model %r has no weights yet: /info/ lists no tasks until its .json/.pt appear", name)
 
     def init_datastore(self) -> Datastore:
         return VersionedLocalDatastore(self.studies)
 
     def init_infers(self) -> dict[str, InferTask]:
-        return self.task_config.infer()
+        tasks: dict[str, InferTask] = {}
+        for config in self.task_configs:
+            tasks.update(config.infer())
+        return tasks
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        trainer = self.task_config.trainer()
-        return {"seg_head_finetune": trainer} if trainer else {}
+        trainers = [t for t in (c.trainer() for c in self.task_configs) if t is not None]
+        return {"seg_head_finetune": trainers[0]} if trainers else {}
 
     def info(self) -> dict[str, Any]:
         meta = super().info()
         card = self.xai.models.card()
+        models = {}
+        for name, cache in self.xai.caches.items():
+            c = cache.card()
+            models[name] = {"kind": cache.kind(), **{k: c.get(k) for k in ("version", "classes", "weights_sha256")},
+                            "default": name == self.xai.options.model,
+                            "tasks": sorted(t for t, task in self._infers.items()
+                                            if getattr(task, "model_name", None) == name)}
         meta["xai"] = {"model": {k: card.get(k) for k in ("name", "version", "classes", "weights_sha256")},
+                       "models": models,
                        "device": str(self.xai.models.device), "auth": bool(self.xai.options.token),
                        "max_upload_mb": round(self.xai.options.max_upload_bytes / 2**20, 3)}
         return meta

@@ -111,7 +111,7 @@ def test_map_localises_the_region_the_class_reads(method: str, spatial_dims: int
     model = GatedNet(spatial_dims)
     x = scene(spatial_dims)
     explainer = get_explainer(method)(model)
-    maps = explainer.attribute(x, target=[0, 1])  # B == 1: both classes
+    maps = explainer.attribute(x, target=[0, 1]).maps  # B == 1: both classes
     assert explainer.layer_name == "head"
     assert maps.shape == (1, 2, *GEOMETRY[spatial_dims]["size"]) and maps.dtype == torch.float32
     for t, key in enumerate(("a", "b")):
@@ -138,29 +138,31 @@ def test_all_targets_match_single_calls_and_batches(method: str) -> None:
     model = GatedNet(2)
     x = torch.cat([scene(2, seed=1), scene(2, seed=2).flip(-1)])  # two different items
     explainer = get_explainer(method)(model)
-    info = explainer.attribute_with_info(x, target="all")
+    info = explainer.attribute(x, target="all")
     assert info.maps.shape == (2, 3, 32, 32)
     assert info.targets.tolist() == [[0, 1, 2], [0, 1, 2]]
     assert info.logits.shape == (2, 3)
     for c in range(3):
-        single = explainer.attribute(x, target=c)
+        single = explainer.attribute(x, target=c).maps
         assert single.shape == (2, 1, 32, 32)
         torch.testing.assert_close(single[:, 0], info.maps[:, c], atol=1e-5, rtol=0)
-    per_item = explainer.attribute(x, target=[1, 0])  # B == 2: one class per item
+    per_item = explainer.attribute(x, target=[1, 0]).maps  # B == 2: one class per item
     assert per_item.shape == (2, 1, 32, 32)
     for b, c in enumerate([1, 0]):
-        alone = explainer.attribute(x[b:b + 1], target=c)
+        alone = explainer.attribute(x[b:b + 1], target=c).maps
         torch.testing.assert_close(per_item[b, 0], alone[0, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(per_item[b, 0], info.maps[b, c], atol=1e-5, rtol=0)
-    nested = explainer.attribute(x, target=[[2, 0], [1, 2]])
+    nested = explainer.attribute(x, target=[[2, 0], [1, 2]]).maps
     torch.testing.assert_close(nested[1, 0], info.maps[1, 1], atol=1e-5, rtol=0)
 
 
 def test_gradcam_flags_a_class_with_no_evidence() -> None:
     """Class 2 of GatedNet is a constant logit: zero gradient, flat map, reported and all zeros."""
     explainer = get_explainer("gradcam")(GatedNet(2))
-    maps = explainer.attribute(scene(2), target="all")
-    assert explainer.last_flat.tolist() == [[False, False, True]]
+    att = explainer.attribute(scene(2), target="all")
+    maps = att.maps
+    assert att.flat.tolist() == [[False, False, True]]
+    assert att.raw[0].shape == (1, 3, 1, 32, 32) and float(att.raw[0][0, 2].abs().max()) == 0.0
     assert float(maps[0, 2].abs().max()) == 0.0
 
 
@@ -215,7 +217,7 @@ def test_works_under_no_grad_and_with_frozen_weights(method: str) -> None:
         p.requires_grad_(False)
     x = scene(2)
     with torch.no_grad():
-        maps = get_explainer(method)(model).attribute(x, target=0)
+        maps = get_explainer(method)(model).attribute(x, target=0).maps
     inside = region_mask(2, "a")
     assert float(maps[0, 0][inside].mean()) > 0.5
     assert all(p.grad is None for p in model.parameters())
@@ -228,7 +230,7 @@ def test_flat_relu_layer_gives_flag_and_zeros(method: str) -> None:
     with torch.no_grad():
         model[0][0].bias.fill_(-1e3)  # every activation below zero: the ReLU output is all zeros
     explainer = get_explainer(method)(model)
-    info = explainer.attribute_with_info(torch.rand(2, 1, 16, 16), target="all")
+    info = explainer.attribute(torch.rand(2, 1, 16, 16), target="all")
     assert info.layer == "0"
     assert info.flat.all()
     assert torch.equal(info.maps, torch.zeros_like(info.maps))
@@ -247,11 +249,11 @@ def test_brain_lesion_net_default_layer(method: str, spatial_dims: int) -> None:
     size = (32,) * spatial_dims
     x = torch.randn(2, 1, *size)
     explainer = get_explainer(method)(model)  # dual output: output_index=0 picks class logits
-    info = explainer.attribute_with_info(x, target="all")
+    info = explainer.attribute(x, target="all")
     assert info.layer == "encoder_out"  # found on the class path, not in the segmentation decoder
     declared = get_explainer(method)(tiny_lesion_net(spatial_dims))  # BrainLesionNet.default_cam_layer
     assert declared.layer_name == "encoder_out"
-    torch.testing.assert_close(declared.attribute(x[:1], target="all"), info.maps[:1])
+    torch.testing.assert_close(declared.attribute(x[:1], target="all").maps, info.maps[:1])
     assert info.maps.shape == (2, 4, *size)
     assert torch.isfinite(info.maps).all() and float(info.maps.min()) >= 0.0 and float(info.maps.max()) <= 1.0
     assert info.logits.shape == (2, 4)
@@ -260,17 +262,17 @@ def test_brain_lesion_net_default_layer(method: str, spatial_dims: int) -> None:
 def test_layer_selection_forms() -> None:
     model = tiny_lesion_net(2)
     x = torch.randn(1, 1, 32, 32)
-    by_name = get_explainer("gradcam")(model, layer="down2").attribute(x, target=1)
-    by_module = get_explainer("gradcam")(model, layer=model.down2).attribute(x, target=1)
+    by_name = get_explainer("gradcam")(model, layer="down2").attribute(x, target=1).maps
+    by_module = get_explainer("gradcam")(model, layer=model.down2).attribute(x, target=1).maps
     torch.testing.assert_close(by_name, by_module)
-    by_field = get_explainer("gradcam")(model, output_index="class_logits").attribute(x, target=1)
-    default = get_explainer("gradcam")(model).attribute(x, target=1)
+    by_field = get_explainer("gradcam")(model, output_index="class_logits").attribute(x, target=1).maps
+    default = get_explainer("gradcam")(model).attribute(x, target=1).maps
     torch.testing.assert_close(by_field, default)
     wrapped = get_explainer("gradcam")(ClassLogits(model))
-    torch.testing.assert_close(wrapped.attribute(x, target=1), default)
+    torch.testing.assert_close(wrapped.attribute(x, target=1).maps, default)
     assert wrapped.layer_name == "model.encoder_out"
     found = get_explainer("gradcam")(ClassLogits(tiny_lesion_net(2, discover=True)))
-    torch.testing.assert_close(found.attribute(x, target=1), default)
+    torch.testing.assert_close(found.attribute(x, target=1).maps, default)
     assert found.layer_name == "model.encoder_out"
     model.default_cam_layer = "down1"  # the declared CAM layer is the default
     assert get_explainer("gradcam")(model).layer_name == "down1"
@@ -291,6 +293,9 @@ def test_registry() -> None:
         register("gradcam")(type("Other", (Explainer,), {}))
 
     class TwoModel(Explainer):  # methods with extra constructor arguments fit cls(model, **kwargs)
+        title = "Two models"
+        model_kinds = frozenset({"volume-classifier"})
+
         def __init__(self, model: nn.Module, *, reference: nn.Module, output_index: int = 0):
             super().__init__(model, output_index=output_index)
             self.reference = reference
@@ -324,8 +329,10 @@ def test_gradcam_matches_monai_on_brain_lesion_net() -> None:
     model = tiny_lesion_net(3)
     x = torch.randn(2, 1, 32, 32, 32)
     gc, gcpp = get_explainer("gradcam")(model), get_explainer("gradcam++")(model, variant="monai")
-    ours, flat = gc.attribute(x, target="all"), gc.last_flat
-    ours_pp, flat_pp = gcpp.attribute(x, target="all"), gcpp.last_flat
+    att = gc.attribute(x, target="all")
+    ours, flat = att.maps, att.flat
+    att_pp = gcpp.attribute(x, target="all")
+    ours_pp, flat_pp = att_pp.maps, att_pp.flat
     compared = 0
     for c in range(4):
         ref = _monai_raw(MonaiGradCAM, ClassLogits(model), "model.encoder_out", x, c)
@@ -348,7 +355,7 @@ def test_gradcampp_paper_form_matches_monai_where_they_coincide() -> None:
 
     model = GatedNet(3)
     x = scene(3)
-    ours = get_explainer("gradcam++")(model).attribute(x, target=[0, 1])
+    ours = get_explainer("gradcam++")(model).attribute(x, target=[0, 1]).maps
     for t in range(2):
         ref = _monai_raw(MonaiGradCAMpp, GatedNet(3), "head", x, t)
         assert pearson(ours[0, t], ref[0, 0]) > 0.99
@@ -360,7 +367,7 @@ def test_gradcampp_paper_form_matches_pytorch_grad_cam_2d() -> None:
 
     model = tiny_lesion_net(2)
     x = torch.randn(1, 1, 32, 32)
-    ours = get_explainer("gradcam++")(model).attribute(x, target="all")
+    ours = get_explainer("gradcam++")(model).attribute(x, target="all").maps
     ref_model = tiny_lesion_net(2)
     cam = pgc.GradCAMPlusPlus(ClassLogits(ref_model), target_layers=[ref_model.encoder_out])
     try:
@@ -391,5 +398,5 @@ def test_scorecam_matches_a_direct_computation() -> None:
     raw = torch.relu(torch.einsum("k,k...->...", torch.stack(weights), a))
     ref = nn.functional.interpolate(raw[None, None], size=(32, 32), mode="bilinear", align_corners=False)
     ref = ref[0, 0]
-    ours = get_explainer("scorecam")(model, batch_size=3).attribute(x, target=3)
+    ours = get_explainer("scorecam")(model, batch_size=3).attribute(x, target=3).maps
     assert pearson(ours[0, 0], ref) > 0.999

@@ -42,16 +42,36 @@ def _cmd_train(a: argparse.Namespace) -> int:
     return 0
 
 
+def _method_params(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` pairs; values are read as JSON when they parse (numbers, booleans), else text."""
+    import json
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--param wants KEY=VALUE with a Python name as KEY, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def _cmd_explain(a: argparse.Namespace) -> int:
     from .io import read_image
+    from .models import load
     from .pipeline import explain, write_explanation
+    from .settings import Settings
 
     def progress(stage: str, frac: float) -> None:
         print(f"\r[{int(frac * 100):3d}%] {stage:<10}", end="\n" if frac >= 1 else "", file=sys.stderr, flush=True)
 
+    settings = Settings()
     image = read_image(a.image)
-    target = a.target
-    exp = explain(image, a.method, target=target, progress=progress)
+    model = load(a.model, settings=settings)
+    exp = explain(image, a.method, target=a.target, model=model, method_kwargs=_method_params(a.param),
+                  progress=progress, settings=settings)
     files = write_explanation(exp, a.out)
     if a.report or a.llm:
         from .report import write_report
@@ -68,7 +88,8 @@ def _cmd_explain(a: argparse.Namespace) -> int:
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_methods, write_results
 
-    rows = evaluate_methods(a.methods, a.data, limit=a.limit, progress=_progress("studies"))
+    rows = evaluate_methods(a.methods, a.data, limit=a.limit, progress=_progress("studies"),
+                            method_kwargs={m: _method_params(a.param) for m in a.methods} if a.param else None)
     paths = write_results(rows, a.out)
     print(paths["summary_md"].read_text())
     for name, path in paths.items():
@@ -156,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .explain import available_methods
 
-    ex = sub.add_parser("explain", help="explain the default model's decision on one image")
+    ex = sub.add_parser("explain", help="explain a model's decision on one image")
     ex.add_argument("image", help="NIfTI/NRRD file, DICOM file or DICOM series folder")
-    ex.add_argument("--method", default="gradcam++", choices=available_methods())
+    ex.add_argument("--model", default="brain-lesion-3d", help="model name (its card names its kind)")
+    ex.add_argument("--method", default="gradcam++", choices=available_methods(),
+                    help="explanation method (it must fit the model's kind)")
+    ex.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="method parameter, e.g. --param n_samples=4 --param layer=down1 (repeatable)")
     ex.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--report", action="store_true", help="also write findings.json and report.md")
@@ -172,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, help="studies folder with manifest.csv")
     ev.add_argument("--out", default="runs/evaluate")
     ev.add_argument("--limit", type=int, default=None, help="at most this many lesion studies")
+    ev.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="parameter given to every method that takes it (repeatable)")
     ev.set_defaults(func=_cmd_evaluate)
 
     serve = _serve_module()
@@ -183,8 +210,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a sub-command. Bad input (an unreadable image, an unknown target, method or model) is one
+    line on stderr and exit code 2; ``XAI_DEBUG=1`` shows the traceback instead."""
+    import os
+
+    from .explain import TargetError
+    from .io import ImageError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ImageError, TargetError, ValueError, KeyError, FileNotFoundError) as exc:
+        if os.environ.get("XAI_DEBUG"):
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"xai {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

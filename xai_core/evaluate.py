@@ -19,9 +19,10 @@ import SimpleITK as sitk
 from .data.brain import read_manifest
 from .io import Image, read_image
 from .metrics import auprc, bootstrap_ci, dice, expected_calibration_error, iou, per_class_auroc, pointing_game
-from .models import LesionModel
+from .models import ModelAdapter
 from .models import load as load_model
 from .pipeline import explain
+from .settings import Settings
 
 METRICS = ("dice", "iou", "auprc", "pointing_game")
 
@@ -31,11 +32,14 @@ def read_mask(path: str | Path) -> Image:
     return Image.from_sitk(sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkUInt8), source=str(path))
 
 
-def evaluate_methods(methods: Sequence[str], data_dir: str | Path, model: LesionModel | None = None,
+def evaluate_methods(methods: Sequence[str], data_dir: str | Path, model: ModelAdapter | None = None,
                      limit: int | None = None, tolerance_mm: float | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """One row per (study with a lesion, method) with the four metrics and the prediction."""
-    model = model or load_model("brain-lesion-3d")
+                     progress: Callable[[int, int], None] | None = None,
+                     method_kwargs: dict[str, dict] | None = None, settings: Settings | None = None) -> list[dict]:
+    """One row per (study with a lesion, method) with the four metrics and the prediction.
+    ``method_kwargs`` maps a method name to its explainer parameters."""
+    cfg = settings or Settings()
+    model = model or load_model("brain-lesion-3d", settings=cfg)
     tol = model.card.grid_spacing_mm if tolerance_mm is None else tolerance_mm
     rows = [r for r in read_manifest(data_dir) if r["label"] != "none"][:limit]
     out = []
@@ -43,7 +47,8 @@ def evaluate_methods(methods: Sequence[str], data_dir: str | Path, model: Lesion
         image = read_image(r["image"])
         truth = read_mask(r["mask"]).array.astype(bool)
         for method in methods:
-            exp = explain(image, method, target=r["label"], model=model)
+            exp = explain(image, method, target=r["label"], model=model,
+                          method_kwargs=(method_kwargs or {}).get(method), settings=cfg)
             sal = exp.primary.array
             out.append({
                 "study_id": r["study_id"], "label": r["label"], "format": r["format"], "method": method,
@@ -93,7 +98,7 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def model_accuracy(data_dir: str | Path, model: LesionModel | None = None, limit: int | None = None) -> dict:
+def model_accuracy(data_dir: str | Path, model: ModelAdapter | None = None, limit: int | None = None) -> dict:
     """Classification and segmentation-head figures of ``model`` on the studies of ``data_dir``, on
     each study's input grid: accuracy (overall and per class), mean lesion Dice (overall and per
     class, lesion studies only), one-vs-rest AUROC per class and the calibrated top-label ECE."""

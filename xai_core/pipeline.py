@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .explain import available_methods, get_explainer
+from .explain import available_methods, parse_target, target_classes
 from .io import Image, write_image
 from .masks import SaliencyMask, saliency_mask
-from .models import LesionModel, Prediction
+from .models import ModelAdapter
 from .models import load as load_model
 from .models.grid import normalise_intensity
-from .settings import get_settings
+from .settings import Settings
 
 __all__ = ["Explanation", "explain", "brain_foreground", "write_explanation", "software_versions"]
 
@@ -42,18 +42,22 @@ class Explanation:
         method: registry name of the explainer.
         targets: explained class names; ``saliency[0]`` belongs to ``targets[0]`` (the primary).
         prediction: model prediction (calibrated probabilities, segmentation head).
-        saliency: float32 maps 0..1 (1 = most important), one per target, input geometry.
+        saliency: float32 display maps 0..1 (1 = most important), one per target, input geometry.
+        raw: float32 signed raw attribution per target (channels summed), input geometry, in the
+            method's unit per model-grid voxel.
         mask: the primary map's adaptive mask and levels (:class:`~xai_core.masks.SaliencyMask`).
         foreground: bool brain mask the percentages of the mask and levels refer to.
         params: method parameters (layer, targets, ...), for provenance.
         timings: seconds per stage.
         flat: per target, True when the raw map was flat (no ranking possible).
+        attribution: how the display view was made, raw maxima, convergence delta, method extras.
+        title: the method's title.
     """
 
     image: Image
     method: str
     targets: list[str]
-    prediction: Prediction
+    prediction: Any
     saliency: list[Image]
     mask: SaliencyMask
     foreground: np.ndarray
@@ -61,6 +65,9 @@ class Explanation:
     timings: dict[str, float]
     flat: list[bool] = field(default_factory=list)
     model_card: dict[str, Any] = field(default_factory=dict)
+    raw: list[Image] = field(default_factory=list)
+    attribution: dict[str, Any] = field(default_factory=dict)
+    title: str = ""
 
     @property
     def primary(self) -> Image:
@@ -88,10 +95,12 @@ class Explanation:
                 "lesion_volume_ml_segmentation_head": round(float(p.lesion_mask.array.sum()) * voxel_ml, 3),
             },
             "method": self.method,
+            "method_title": self.title,
             "targets": self.targets,
             "params": self.params,
             "saliency": {
                 "flat": self.flat,
+                **self.attribution,
                 "peak_index_ijk": [int(v) for v in peak[::-1]],
                 "peak_lps_mm": [round(float(v), 3) for v in self.image.index_to_physical(peak[::-1])],
             },
@@ -139,74 +148,66 @@ def brain_foreground(image: Image) -> np.ndarray:
     return ndimage.binary_fill_holes(fg) if fg.any() else fg
 
 
-def _resolve_target(target: str | int | None, model: LesionModel, pred: Prediction) -> list[int]:
-    classes = model.classes
-    if target is None or target == "predicted":
-        return [classes.index(pred.label)]
-    if target == "all":
-        first = classes.index(pred.label)  # the primary map is the predicted class
-        return [first] + [c for c in range(len(classes)) if c != first]
-    if isinstance(target, int) or (isinstance(target, str) and target.isdigit()):
-        t = int(target)
-        if not 0 <= t < len(classes):
-            raise ValueError(f"target class {t} out of range 0..{len(classes) - 1}")
-        return [t]
-    if target in classes:
-        return [classes.index(target)]
-    raise ValueError(f"unknown target {target!r}; use a class name {classes}, an index, 'all' or 'predicted'")
-
-
-def explain(image: Image, method: str = "gradcam++", *, target: str | int | None = None,
-            model: LesionModel | None = None, method_kwargs: dict[str, Any] | None = None,
-            progress: Progress | None = None) -> Explanation:
+def explain(image: Image, method: str = "gradcam++", *, target: Any = None,
+            model: ModelAdapter | None = None, method_kwargs: dict[str, Any] | None = None,
+            progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
+            settings: Settings | None = None, request: dict[str, Any] | None = None) -> Explanation:
     """Explain ``model``'s decision on ``image`` with ``method``.
 
     Args:
         image: any geometry (see :mod:`xai_core.io`).
-        method: a registered method name (:func:`xai_core.explain.available_methods`).
-        target: class name or index, ``'all'``, or None/``'predicted'`` for the predicted class.
-        model: a loaded model (default: ``brain-lesion-3d``).
-        method_kwargs: extra explainer arguments (e.g. ``layer``).
-        progress: called with (stage, fraction done).
+        method: a registered method name that fits the model's kind
+            (:func:`xai_core.explain.available_methods`).
+        target: class name or index, a list of them, ``'all'``, or None/``'predicted'`` for the
+            predicted class (:func:`xai_core.explain.parse_target`).
+        model: a loaded model adapter (default: ``brain-lesion-3d``).
+        method_kwargs: extra explainer arguments (e.g. ``layer``, ``n_samples``).
+        progress: called with (stage running now, fraction done); it may raise to stop the work.
+        cancel: polled by long methods; True stops them with ``AttributionCancelled``.
+        settings: mask bounds and levels, device (default: from the environment).
+        request: kind-specific inputs for ``model.prepare`` (a question, a slice).
     """
-    if method not in available_methods():
-        raise ValueError(f"unknown method {method!r}; available: {available_methods()}")
+    cfg = settings or Settings()
+    model = model or load_model("brain-lesion-3d", settings=cfg)
+    if method not in available_methods(model.kind):
+        raise ValueError(f"unknown method {method!r} for a {model.kind} model; available: "
+                         f"{available_methods(model.kind)}")
+    spec = parse_target(target, model.classes)
     report = progress or (lambda stage, frac: None)
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    model = model or load_model("brain-lesion-3d")
     report("prepare", 0.0)
-    inputs = model.prepare(image)
+    inputs = model.prepare(image, **(request or {}))
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    pred = model.predict(image, inputs)
+    pred = model.predict(inputs)
     timings["predict"] = time.perf_counter() - t
-    report("predict", 0.2)
+    report("attribute", 0.2)
 
-    targets = _resolve_target(target, model, pred)
+    targets = target_classes(spec, len(model.classes), model.classes.index(pred.label))
     kwargs = dict(method_kwargs or {})
     t = time.perf_counter()
-    explainer = get_explainer(method)(model.net, **kwargs)
-    att = explainer.attribute_with_info(inputs.tensor, target=[targets])
+    explainer = model.explainer(method, **kwargs)
+    att = explainer.attribute(inputs.inputs, target=[targets], additional_forward_args=inputs.additional_forward_args,
+                              progress=lambda f: report("attribute", 0.2 + 0.5 * f), cancel=cancel)
     timings["attribute"] = time.perf_counter() - t
-    report("attribute", 0.7)
+    report("mask", 0.7)
 
     t = time.perf_counter()
-    maps = att.maps[0].detach().float().cpu().numpy()  # (T, K, J, I) on the model grid
     saliency = []
-    for m in maps:
-        on_input = model.grid.to_input(m, inputs.ref, image)
-        hi = float(on_input.max())
+    for on_input in model.to_input(att.maps[0], inputs):
+        a = on_input.array
+        hi = float(a.max())
         # Resampling can lower the peak slightly; rescale so 1 is the most important voxel again.
-        on_input = on_input / hi if hi > 0 else np.zeros_like(on_input)
-        saliency.append(image.with_array(np.clip(on_input, 0, 1).astype(np.float32)))
+        a = a / hi if hi > 0 else np.zeros_like(a)
+        saliency.append(image.with_array(np.clip(a, 0, 1).astype(np.float32)))
+    raw = model.to_input(att.raw[0][0].sum(1), inputs)  # (T, *grid) signed, channels summed
     timings["to_input_grid"] = time.perf_counter() - t
 
     t = time.perf_counter()
     fg = brain_foreground(image)
     # k, j, i array order: spacing reversed from ITK's (i, j, k).
-    cfg = get_settings()
     sm = saliency_mask(saliency[0].array, fg, spacing=tuple(image.spacing[::-1]),
                        min_fraction=cfg.mask_min_fraction, max_fraction=cfg.mask_max_fraction,
                        levels_percent=cfg.mask_levels_percent)
@@ -214,10 +215,15 @@ def explain(image: Image, method: str = "gradcam++", *, target: str | int | None
     report("done", 1.0)
     params = {"target": target if target is not None else "predicted", "target_classes": targets,
               "layer": att.layer, **{k: v for k, v in kwargs.items() if _jsonable(v)}}
+    attribution = {"display": explainer.display, "raw_max": [float(v) for v in att.raw_max[0].tolist()],
+                   **({"convergence_delta": [float(v) for v in att.delta[0].tolist()]}
+                      if att.delta is not None else {}),
+                   **att.extras}
     return Explanation(
         image=image, method=method, targets=[model.classes[c] for c in targets], prediction=pred,
         saliency=saliency, mask=sm, foreground=fg, params=params, timings=timings,
-        flat=[bool(f) for f in att.flat[0].tolist()], model_card=model.card.model_dump(),
+        flat=[bool(f) for f in att.flat[0].tolist()], model_card=model.card.model_dump(), raw=raw,
+        attribution=attribution, title=explainer.title,
     )
 
 
@@ -230,8 +236,9 @@ def _jsonable(v: Any) -> bool:
 
 
 def write_explanation(exp: Explanation, out: str | Path, overlay: bool = True) -> dict[str, Path]:
-    """Write ``saliency.nii.gz`` (primary target), ``saliency_<class>.nii.gz`` (every target when
-    several), ``levels.nii.gz``, ``mask.nii.gz``, ``result.json`` and ``overlay.png`` into ``out``.
+    """Write ``saliency.nii.gz`` (display view 0..1 of the primary target), ``attribution.nii.gz``
+    (its signed raw attribution), ``saliency_<class>.nii.gz`` (every target when several),
+    ``levels.nii.gz``, ``mask.nii.gz``, ``result.json`` and ``overlay.png`` into ``out``.
     Every volume carries the input's geometry."""
     from .render import overlay_png
 
@@ -240,6 +247,8 @@ def write_explanation(exp: Explanation, out: str | Path, overlay: bool = True) -
     files = {"saliency": write_image(exp.primary, out / "saliency.nii.gz"),
              "levels": write_image(exp.levels_image(), out / "levels.nii.gz"),
              "mask": write_image(exp.mask_image(), out / "mask.nii.gz")}
+    if exp.raw:
+        files["attribution"] = write_image(exp.raw[0], out / "attribution.nii.gz")
     if len(exp.saliency) > 1:
         for name, sal in zip(exp.targets, exp.saliency, strict=True):
             files[f"saliency_{name}"] = write_image(sal, out / f"saliency_{name}.nii.gz")

@@ -2,13 +2,13 @@
 
 Every tunable of the system lives in :class:`Settings`. Values come from (highest first) keyword
 arguments, environment variables prefixed ``XAI_`` (for example ``XAI_DEVICE=cpu``) and the defaults
-below. The CLI, the MONAI Label app (``--conf`` values are passed as keyword arguments) and the tests
-all build their settings through :func:`get_settings`.
+below. Functions take a ``settings`` argument (default: ``Settings()``, read from the environment at
+that moment) instead of reading a process-wide object, so that worker processes and tests each build
+their own; the CLI and the MONAI Label app build one and pass it down.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
 from pydantic import Field
@@ -97,17 +97,17 @@ class Settings(BaseSettings):
     max_params_depth: int = Field(32, description="deepest nesting of arrays/objects in JSON parameters")
 
 
-@lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Process-wide settings from the environment (cached)."""
+    """Settings from the environment as it is now (not cached: pass the object down instead of
+    calling this again)."""
     return Settings()
 
 
 def resolve_device(spec: str | None = None):
-    """Torch device for ``spec`` ('auto' -> CUDA when available, else CPU)."""
+    """Torch device for ``spec`` ('auto' -> CUDA when available, else CPU; None -> ``XAI_DEVICE``)."""
     import torch
 
-    spec = spec or get_settings().device
+    spec = spec or Settings().device
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(spec)

@@ -12,26 +12,26 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from xai_core.models import LesionModel, load
-from xai_core.settings import get_settings, resolve_device
+from xai_core.models import ModelAdapter, load
+from xai_core.settings import Settings, resolve_device
 
 from .errors import Unavailable
 
 
 def weights_dirs() -> list[Path]:
     """Search order of ``xai_core.models.load``: user (fine-tuned) weights first, then the shipped ones."""
-    s = get_settings()
+    s = Settings()
     return [Path(s.user_weights_dir), Path(s.weights_dir)]
 
 
 class ModelCache:
-    """Thread-safe holder of one loaded :class:`~xai_core.models.LesionModel`."""
+    """Thread-safe holder of one loaded :class:`~xai_core.models.ModelAdapter`."""
 
     def __init__(self, name: str, device: str):
         self.name = name
         self.device = resolve_device(device)
         self._lock = threading.Lock()
-        self._model: LesionModel | None = None
+        self._model: ModelAdapter | None = None
         self._stamp: tuple[Any, ...] | None = None
 
     def files(self) -> tuple[Path, Path] | None:
@@ -55,7 +55,11 @@ class ModelCache:
         except (OSError, ValueError):
             return {}
 
-    def get(self) -> LesionModel:
+    def kind(self) -> str:
+        """The card's model kind (``volume-classifier`` for cards written before kinds existed)."""
+        return str(self.card().get("kind") or "volume-classifier")
+
+    def get(self) -> ModelAdapter:
         """The loaded model, (re)loading it when its files changed."""
         files = self.files()
         if files is None:

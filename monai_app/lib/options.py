@@ -22,7 +22,7 @@ class AppOptions:
     """Resolved options of one server process.
 
     Attributes:
-        model: model name served (``xai_core.models.load``).
+        models: model names served (``xai_core.models.load``), the default first.
         device: ``auto``, ``cpu`` or ``cuda:N``.
         token: bearer token every route requires; empty disables auth.
         max_upload_bytes: largest request body accepted (413 above).
@@ -32,7 +32,7 @@ class AppOptions:
         jobs_keep: how many finished jobs are remembered.
     """
 
-    model: str
+    models: tuple[str, ...]
     device: str
     token: str
     max_upload_bytes: int
@@ -40,6 +40,11 @@ class AppOptions:
     results_dir: Path
     results_keep: int
     jobs_keep: int
+
+    @property
+    def model(self) -> str:
+        """The default model: its tasks keep their plain names."""
+        return self.models[0]
 
     @property
     def state_dir(self) -> Path:
@@ -53,8 +58,13 @@ class AppOptions:
         max_mb = float(conf.get("max_upload_mb", s.max_upload_mb))
         if max_mb <= 0:
             raise ValueError(f"max_upload_mb must be positive, got {max_mb}")
+        # ``--conf models a,b`` serves several; ``--conf model a`` (or nothing) one.
+        names = [m.strip() for m in str(conf.get("models", conf.get("model", "brain-lesion-3d"))).split(",")]
+        models = tuple(dict.fromkeys(m for m in names if m))
+        if not models:
+            raise ValueError("--conf models names no model")
         return cls(
-            model=conf.get("model", "brain-lesion-3d"),
+            models=models,
             device=conf.get("device", s.device),
             token=conf.get("token", s.token) or "",
             max_upload_bytes=int(max_mb * 1024 * 1024),

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from xai_core.settings import get_settings
+from xai_core.settings import Settings
 
 from .jobs import InferFn, JobManager
 from .models import ModelCache
@@ -24,14 +24,23 @@ from .results import ResultStore
 class XAIRuntime:
     def __init__(self, options: AppOptions):
         self.options = options
-        self.models = ModelCache(options.model, options.device)
+        self.settings = Settings()  # mask bounds, levels, threads: one object for this process
+        self.caches = {name: ModelCache(name, options.device) for name in options.models}
+        self.models = self.caches[options.model]  # the default model
         self.results = ResultStore(options.results_dir, options.results_keep)
         # One thread does all model work: torch keeps the cores busy on its own, and CAM hooks on
         # the shared network must not interleave. Threads (not processes) suffice for a responsive
         # event loop because torch, SimpleITK and scipy spend the time outside the GIL.
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="xai-worker")
         self.jobs = JobManager(self.worker, keep=options.jobs_keep)
-        _configure_torch(self.models.device)
+        _configure_torch(self.models.device, self.settings)
+
+    def cache(self, model: str) -> ModelCache:
+        """The cache of a served model (KeyError names the served ones)."""
+        try:
+            return self.caches[model]
+        except KeyError:
+            raise KeyError(f"model {model!r} is not served; served: {sorted(self.caches)}") from None
 
     def bind(self, infer: InferFn) -> None:
         """Give the job manager the app's ``infer`` (MONAI Label's request path)."""
@@ -42,8 +51,7 @@ class XAIRuntime:
         return self.worker.submit(fn, *args)
 
 
-def _configure_torch(device: torch.device) -> None:
-    s = get_settings()
+def _configure_torch(device: torch.device, s: Settings) -> None:
     # By default the model leaves one core to the event loop: torch's threads spin between parallel
     # regions, and with every core busy /info/ would wait for the scheduler.
     torch.set_num_threads(s.num_threads or max(1, (os.cpu_count() or 1) - 1))

@@ -1,49 +1,59 @@
-"""Explainer base class, registry and the shared class-activation-map (CAM) machinery.
+"""The explainer contract (captum's shape), the registry, and the shared CAM machinery.
 
-Shape of the API (captum-like)::
+Shape of the API::
 
-    explainer = get_explainer("gradcam")(model, layer="encoder_out")   # cls(model, **kwargs)
-    maps = explainer.attribute(x, target="all")          # (B, T, *spatial) float32 in 0..1
-    info = explainer.attribute_with_info(x, target=2)    # maps + flat flags + targets + logits
+    explainer = get_explainer("gradcam++")(module_or_forward_func, layer="encoder_out")
+    att = explainer.attribute(x, target="all", additional_forward_args=(...,), progress=cb, cancel=stop)
+    att.raw[0]     # (B, T, C or 1, *spatial) signed raw attribution of input 0, in the method's unit
+    att.maps       # (B, T, *spatial) display view of input 0, 0..1 (1 = most important)
 
-``x`` is a channel-first batch ``(B, C, *spatial)`` with 1 to 3 spatial dims. The model may return a
-tensor or a tuple / NamedTuple / list (e.g. :class:`~xai_core.models.brain_lesion_net.LesionOutput`)
-or a mapping; ``output_index`` picks the class logits ``(B, num_classes)`` (``(B,)`` is read as one
-class).
+``inputs`` is one tensor or a tuple of tensors, each batch-first; the first is the one shown (for
+the models here a channel-first volume or slice ``(B, C, *spatial)`` with 1 to 3 spatial dims).
+``additional_forward_args`` are passed to the forward after the inputs and are not attributed
+(token ids, masks). The forward may return a tensor or a tuple / NamedTuple / list / mapping;
+``output_index`` picks the class logits ``(B, num_classes)`` (``(B,)`` is read as one class).
 
-Targets (``target=``):
+Targets: :func:`xai_core.explain.targets.resolve_targets` (one parser for the whole system).
 
-* ``None``: the predicted class (argmax of the logits) of each item, ``T = 1``;
-* ``int``: that class for every item, ``T = 1``;
-* a flat list / 1-D tensor of ints: with ``B == 1`` the classes asked for (``T = len``); with
-  ``B > 1`` one class per item (``len`` must equal ``B``, ``T = 1``);
-* a nested list / 2-D tensor ``(B, T)`` (or ``(1, T)``, used for every item): per-item classes;
-* ``"all"``: every class, ``T = num_classes``.
+Every method declares, as class attributes:
 
-Flat maps: a map whose maximum equals its minimum (for instance a ReLU'd CAM that is zero
-everywhere) cannot be min-max scaled. It comes back as all zeros and is flagged in
-``Attribution.flat`` (``(B, T)`` bool). :meth:`Explainer.attribute` returns only the maps and keeps
-the last call's :class:`Attribution` in ``explainer.last_info`` (``explainer.last_flat`` is its
-``flat``); that attribute is per-explainer state, so code that shares one explainer between threads
-should call :meth:`Explainer.attribute_with_info` and read the flags from its result.
+* ``title``: what the server and the viewer show ("Grad-CAM++ (Chattopadhyay et al. 2018)");
+* ``model_kinds``: the model kinds (:attr:`xai_core.models.ModelAdapter.kind`) it fits;
+* ``needs``: ``"gradients"`` (a differentiable forward; layer methods need the module),
+  ``"activations"`` (a module whose layer is read, no backward) or ``"forward"`` (a black box: any
+  function from inputs to logits);
+* ``display``: how the display view is made from the raw attribution (:func:`display_view`).
+
+Long methods call ``progress(fraction)`` between units of work and check ``cancel()``; when it
+returns True they raise :class:`AttributionCancelled`. A ``progress`` callback may also raise to
+stop the work (the server's jobs do).
+
+Flat maps: a display view whose maximum equals its minimum (for instance a ReLU'd CAM that is zero
+everywhere) cannot be ranked. It comes back as all zeros and is flagged in ``Attribution.flat``.
 """
 
 from __future__ import annotations
 
-import numbers
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Target = int | str | Sequence[int] | Sequence[Sequence[int]] | torch.Tensor | None
+from .targets import Target, resolve_targets
+
 LayerSpec = nn.Module | str | None
+ForwardFunc = Callable[..., Any]
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+Progress = Callable[[float], None]
+Cancel = Callable[[], bool]
+Display = Literal["minmax", "positive", "absolute"]
+Needs = Literal["gradients", "activations", "forward"]
+NEEDS = ("gradients", "activations", "forward")
 
 # Relative tolerance under which a map counts as flat: float32 rounding of a constant map after
 # interpolation stays far below this, while any real contrast stays far above it.
@@ -58,12 +68,15 @@ E = TypeVar("E", bound="type[Explainer]")
 
 
 def register(name: str) -> Callable[[E], E]:
-    """Class decorator: make an :class:`Explainer` subclass available as ``get_explainer(name)``."""
+    """Class decorator: make an :class:`Explainer` subclass available as ``get_explainer(name)``.
+    The class must declare a ``title`` and at least one model kind."""
     key = name.lower()
 
     def deco(cls: E) -> E:
         if key in _REGISTRY and _REGISTRY[key] is not cls:
             raise ValueError(f"explainer name {name!r} is already registered to {_REGISTRY[key].__name__}")
+        if not cls.title or not cls.model_kinds or cls.needs not in NEEDS:
+            raise ValueError(f"{cls.__name__} must declare title, model_kinds and needs to be registered")
         _REGISTRY[key] = cls
         cls.name = key
         return cls
@@ -72,16 +85,16 @@ def register(name: str) -> Callable[[E], E]:
 
 
 def get_explainer(name: str) -> type[Explainer]:
-    """The explainer class registered as ``name`` (case-insensitive); ``cls(model, **kwargs)``."""
+    """The explainer class registered as ``name`` (case-insensitive)."""
     try:
         return _REGISTRY[name.lower()]
     except KeyError:
         raise KeyError(f"unknown explanation method {name!r}; available: {available_methods()}") from None
 
 
-def available_methods() -> list[str]:
-    """Registered method names, sorted."""
-    return sorted(_REGISTRY)
+def available_methods(kind: str | None = None) -> list[str]:
+    """Registered method names, sorted; with ``kind`` only the methods that fit that model kind."""
+    return sorted(n for n, cls in _REGISTRY.items() if kind is None or kind in cls.model_kinds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,26 +102,42 @@ def available_methods() -> list[str]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+class AttributionCancelled(RuntimeError):
+    """Raised by an explainer whose ``cancel()`` check returned True."""
+
+
 @dataclass(frozen=True)
 class Attribution:
     """What one explainer call produced.
 
-    maps:    ``(B, T, *spatial)`` float32 on the input's grid and device, each ``(b, t)`` map min-max
-             scaled to 0..1 (1 = most important); flat maps are all zeros.
-    flat:    ``(B, T)`` bool, True where the raw map was flat (no ranking possible).
-    targets: ``(B, T)`` int64 class index of each map.
-    logits:  ``(B, num_classes)`` float32 class logits of the unmodified input (detached).
-    layer:   dotted name of the layer the maps come from (None for input-level methods).
-    raw_max: ``(B, T)`` float32 maximum of the raw (unscaled, upsampled) map, to compare the strength
-             of maps across classes or items; its unit is the method's own.
+    raw:       one tensor per input, ``(B, T, C_i, *rest_i)``: the signed attribution of input ``i`` for
+               each target, in the method's unit (IG: logit units, summing to the logit change),
+               on the input's grid. ``C_i`` is 1 for methods that score locations rather than
+               channels (the CAM family; layer methods summed over the layer's channels).
+    maps:      ``(B, T, *spatial)`` float32 display view of ``raw[0]``, each map scaled to 0..1
+               (:func:`display_view`); flat maps are all zeros.
+    flat:      ``(B, T)`` bool, True where the display view was flat (no ranking possible).
+    targets:   ``(B, T)`` int64 class index of each map.
+    logits:    ``(B, num_classes)`` float32 class logits of the unmodified input (detached).
+    layer:     dotted name of the layer the attribution was computed at (None for input-level).
+    raw_max:   ``(B, T)`` float32 maximum of the view before scaling, to compare the strength of maps
+               across classes or items.
+    layer_raw: ``(B, T, K, *s)`` signed attribution at the layer's own resolution (layer methods).
+    delta:     ``(B, T)`` convergence delta of path methods: sum of attributions minus the output
+               difference between input and baseline (0 for an exact integral).
+    extras:    method-specific diagnostics (JSON-ready values).
     """
 
+    raw: tuple[torch.Tensor, ...]
     maps: torch.Tensor
     flat: torch.Tensor
     targets: torch.Tensor
     logits: torch.Tensor
     layer: str | None
     raw_max: torch.Tensor
+    layer_raw: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def select_output(output: Any, output_index: int | str = 0) -> torch.Tensor:
@@ -134,51 +163,6 @@ def class_logits(output: Any, output_index: int | str = 0) -> torch.Tensor:
         raise ValueError(f"output {output_index!r} has shape {tuple(logits.shape)}; expected class logits "
                          "(B, num_classes): pick the classification output with output_index")
     return logits
-
-
-def resolve_targets(target: Target, logits: torch.Tensor) -> torch.Tensor:
-    """``(B, T)`` int64 class indices for ``target`` (rules in the module docstring)."""
-    b, n = logits.shape
-    dev = logits.device
-    if target is None:
-        idx = logits.detach().argmax(1, keepdim=True)
-    elif isinstance(target, str):
-        if target.lower() != "all":
-            raise ValueError(f"target string must be 'all', got {target!r}")
-        idx = torch.arange(n, device=dev).expand(b, n)
-    elif isinstance(target, bool):
-        raise TypeError("target must be a class index, not a bool")
-    elif isinstance(target, numbers.Integral) or (isinstance(target, torch.Tensor) and target.ndim == 0):
-        idx = torch.full((b, 1), int(target), dtype=torch.long, device=dev)
-    else:
-        t = torch.as_tensor(target if isinstance(target, torch.Tensor) else np.asarray(target)).to(dev)
-        if t.dtype.is_floating_point or t.dtype == torch.bool:
-            raise TypeError(f"target indices must be integers, got dtype {t.dtype}")
-        t = t.long()
-        if t.ndim == 1:
-            if t.numel() == 0:
-                raise ValueError("empty target list")
-            if b == 1:
-                idx = t[None, :]
-            elif t.numel() == b:
-                idx = t[:, None]
-            else:
-                raise ValueError(f"a flat target list for a batch of {b} needs one class per item "
-                                 f"(got {t.numel()}); use a nested list (B, T) for several classes per item")
-        elif t.ndim == 2:
-            if t.shape[0] == 1:
-                idx = t.expand(b, t.shape[1])
-            elif t.shape[0] == b:
-                idx = t
-            else:
-                raise ValueError(f"target of shape {tuple(t.shape)} does not match batch size {b}")
-            if idx.shape[1] == 0:
-                raise ValueError("empty target list")
-        else:
-            raise ValueError(f"target must be at most 2-D, got shape {tuple(t.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
-        raise ValueError(f"target class out of range 0..{n - 1}: {idx.tolist()}")
-    return idx.contiguous()
 
 
 def normalise_maps(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -255,54 +239,148 @@ def _graph_nodes(root: torch.Tensor) -> set[Any]:
     return seen
 
 
+def display_view(raw: torch.Tensor, mode: Display) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 0..1 display view of a raw attribution ``(B, T, C, *spatial)``, summed over channels.
+
+    ``minmax``: min-max scaled as it is (CAM maps, which are non-negative by construction);
+    ``positive``: evidence for the target only (negative values become 0), then scaled;
+    ``absolute``: magnitude of either sign, then scaled.
+    Returns ``(maps, flat, raw_max)`` as :func:`normalise_maps`.
+    """
+    m = raw.float().sum(2)
+    if mode == "positive":
+        m = m.clamp(min=0.0)
+    elif mode == "absolute":
+        m = m.abs()
+    elif mode != "minmax":
+        raise ValueError(f"display must be 'minmax', 'positive' or 'absolute', got {mode!r}")
+    return normalise_maps(m)
+
+
+def as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    """``inputs`` as a non-empty tuple of tensors (captum's convention)."""
+    t = inputs if isinstance(inputs, tuple) else (inputs,)
+    if not t or not all(isinstance(x, torch.Tensor) for x in t):
+        raise TypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if len({x.shape[0] for x in t}) != 1:
+        raise ValueError(f"inputs disagree on the batch size: {[tuple(x.shape) for x in t]}")
+    return t
+
+
+def forward_args(additional_forward_args: Any) -> tuple[Any, ...]:
+    """``additional_forward_args`` as a tuple (None -> empty)."""
+    if additional_forward_args is None:
+        return ()
+    return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+
+
+class Ticker:
+    """Progress and cancel for one call: ``tick(fraction)`` reports and raises when cancelled."""
+
+    def __init__(self, progress: Progress | None, cancel: Cancel | None):
+        self.progress, self.cancel = progress, cancel
+
+    def __call__(self, fraction: float) -> None:
+        if self.cancel is not None and self.cancel():
+            raise AttributionCancelled("attribution cancelled")
+        if self.progress is not None:
+            self.progress(min(1.0, max(0.0, float(fraction))))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Explainer base
 # ----------------------------------------------------------------------------------------------------------
 
 
 class Explainer:
-    """Base of all explainers: ``cls(model, **kwargs)``, ``attribute(inputs, target) -> maps``.
+    """Base of all explainers: ``cls(forward_func, **params).attribute(inputs, target, ...)``.
 
-    Subclasses implement :meth:`attribute_with_info`. ``output_index`` selects the class logits from a
-    multi-output model (0 = ``class_logits`` of ``BrainLesionNet``).
+    ``forward_func`` is a module or a plain function from ``(*inputs, *additional_forward_args)`` to
+    the model output; ``output_index`` selects the class logits from a multi-output model (0 =
+    ``class_logits`` of ``BrainLesionNet``). Subclasses implement :meth:`_attribute`.
     """
 
     name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    model_kinds: ClassVar[frozenset[str]] = frozenset()
+    needs: ClassVar[Needs] = "gradients"
+    display: ClassVar[Display] = "minmax"
 
-    def __init__(self, model: nn.Module, *, output_index: int | str = 0):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+    def __init__(self, forward_func: nn.Module | ForwardFunc, *, output_index: int | str = 0):
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be a module or a function, got {type(forward_func).__name__}")
+        self.forward_func = forward_func
         self.output_index = output_index
-        self.last_info: Attribution | None = None
 
     @property
-    def last_flat(self) -> torch.Tensor | None:
-        """``(B, T)`` flat flags of the last :meth:`attribute` call on this explainer."""
-        return None if self.last_info is None else self.last_info.flat
+    def model(self) -> nn.Module | None:
+        """The module explained, or None for a plain forward function."""
+        return self.forward_func if isinstance(self.forward_func, nn.Module) else None
 
-    def attribute(self, inputs: torch.Tensor, target: Target = None) -> torch.Tensor:
-        """Maps ``(B, T, *spatial)`` float32 in 0..1 (see :class:`Attribution`)."""
-        info = self.attribute_with_info(inputs, target)
-        self.last_info = info
-        return info.maps
+    def logits(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...] = ()) -> torch.Tensor:
+        """Class logits ``(B, N)`` of the forward on ``(*inputs, *args)``."""
+        return class_logits(self.forward_func(*inputs, *args), self.output_index)
 
-    def attribute_with_info(self, inputs: torch.Tensor, target: Target = None) -> Attribution:
+    def attribute(self, inputs: Inputs, target: Target = None, additional_forward_args: Any = None, *,
+                  progress: Progress | None = None, cancel: Cancel | None = None) -> Attribution:
+        """Attribute the class logits of ``target`` (:func:`resolve_targets`) to each input."""
+        tick = Ticker(progress, cancel)
+        tick(0.0)
+        att = self._attribute(as_tuple(inputs), target, forward_args(additional_forward_args), tick)
+        tick(1.0)
+        return att
+
+    def _attribute(self, inputs: tuple[torch.Tensor, ...], target: Target, args: tuple[Any, ...],
+                   tick: Ticker) -> Attribution:
         raise NotImplementedError
 
+    def finish(self, raw: tuple[torch.Tensor, ...], targets: torch.Tensor, logits: torch.Tensor,
+               layer: str | None = None, **more: Any) -> Attribution:
+        """An :class:`Attribution` from raw per-input attributions, with the display view of input 0."""
+        maps, flat, raw_max = display_view(raw[0], self.display)
+        return Attribution(raw=tuple(r.detach() for r in raw), maps=maps, flat=flat, targets=targets,
+                           logits=logits.detach().float(), layer=layer, raw_max=raw_max, **more)
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(model={type(self.model).__name__}, output_index={self.output_index!r})"
+        what = type(self.model).__name__ if self.model is not None else getattr(self.forward_func, "__name__", "fn")
+        return f"{type(self).__name__}({what}, output_index={self.output_index!r})"
 
 
-def _check_inputs(inputs: torch.Tensor) -> None:
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+def _check_image_input(inputs: torch.Tensor) -> None:
     if inputs.ndim not in (3, 4, 5):
         raise ValueError(f"inputs must be (B, C, *spatial) with 1-3 spatial dims, got {tuple(inputs.shape)}")
 
 
+def layer_name_for(model: nn.Module, layer: LayerSpec, default: str | None = None) -> str | None:
+    """Dotted name of ``layer`` (a submodule, a name, or None for ``default`` / the model's
+    ``default_cam_layer``); checks that the model has it."""
+    if layer is None:
+        name = default if default is not None else default_layer_name(model)
+    elif isinstance(layer, str):
+        name = layer
+    elif isinstance(layer, nn.Module):
+        name = module_name(model, layer)
+    else:
+        raise TypeError(f"layer must be a module, a dotted name or None, got {type(layer).__name__}")
+    if name is not None:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"model has no layer named {name!r}") from None
+    return name
+
+
+def require_module(forward_func: Any, method: str) -> nn.Module:
+    if not isinstance(forward_func, nn.Module):
+        raise TypeError(f"{method} hooks a layer of the model: build it on the nn.Module, not on a plain "
+                        f"function (got {type(forward_func).__name__}); black-box methods take a function")
+    return forward_func
+
+
 class CAMExplainer(Explainer):
     """Shared machinery of class-activation-map methods: one hooked forward, maps on a layer.
+
+    Built on a module (the layer is hooked), never on a plain function.
 
     Layer (``layer=``): a module of the model, or its dotted name. By default the model's (or a
     wrapped submodule's) ``default_cam_layer`` attribute, else found on the first call: the module
@@ -316,26 +394,17 @@ class CAMExplainer(Explainer):
     Every call runs the model in eval mode (each module's own mode is restored afterwards), with
     gradients enabled even under ``torch.no_grad`` (servers call models that way), removes its hooks
     before it returns or raises, and writes no ``.grad`` on the parameters.
+
+    ``raw[0]`` is the CAM map upsampled to the input grid, ``(B, T, 1, *spatial)``, non-negative, in
+    the unit of activation times gradient; ``layer_raw`` the same at the layer's resolution.
     """
 
-    needs_gradients: ClassVar[bool] = True
+    model_kinds = frozenset({"volume-classifier", "slice-classifier"})
+    display = "minmax"
 
     def __init__(self, model: nn.Module, *, layer: LayerSpec = None, output_index: int | str = 0):
-        super().__init__(model, output_index=output_index)
-        if layer is None:
-            name = default_layer_name(model)
-        elif isinstance(layer, str):
-            name = layer
-        elif isinstance(layer, nn.Module):
-            name = module_name(model, layer)
-        else:
-            raise TypeError(f"layer must be a module, a dotted name or None, got {type(layer).__name__}")
-        if name is not None:
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"model has no layer named {name!r}") from None
-        self._layer_name: str | None = name
+        super().__init__(require_module(model, type(self).__name__), output_index=output_index)
+        self._layer_name: str | None = layer_name_for(model, layer)
 
     @property
     def layer_name(self) -> str | None:
@@ -344,11 +413,12 @@ class CAMExplainer(Explainer):
 
     # -- forward with hooks ---------------------------------------------------------------------------------
 
-    def _forward(self, inputs: torch.Tensor, with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...],
+                 with_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the model once. Returns ``(logits (B, N), activations (B, K, *s))``; the activations are
         part of the autograd graph of the logits when ``with_grad``. Hooks never outlive the call."""
         if self._layer_name is None:
-            return self._forward_discover(inputs)
+            return self._forward_discover(inputs, args)
         layer = self.model.get_submodule(self._layer_name)
         store: dict[str, Any] = {}
 
@@ -358,19 +428,20 @@ class CAMExplainer(Explainer):
         handle = layer.register_forward_hook(hook)
         try:
             with torch.set_grad_enabled(with_grad):
-                logits = class_logits(self.model(inputs), self.output_index)
+                logits = self.logits(inputs, args)
         finally:
             handle.remove()
         if "out" not in store:
             raise RuntimeError(f"layer {self._layer_name!r} did not run in the forward pass")
         acts = store["out"]
-        if not isinstance(acts, torch.Tensor) or acts.ndim != inputs.ndim:
+        if not isinstance(acts, torch.Tensor) or acts.ndim != inputs[0].ndim:
             got = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
             raise ValueError(f"layer {self._layer_name!r} must output a (B, K, *spatial) tensor with "
-                             f"{inputs.ndim - 2} spatial dims, got {got}")
+                             f"{inputs[0].ndim - 2} spatial dims, got {got}")
         return logits, acts
 
-    def _forward_discover(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_discover(self, inputs: tuple[torch.Tensor, ...],
+                          args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward with light hooks on every convolution-holding module, then pick the CAM layer."""
         conv_holders: set[str] = set()
         for name, mod in self.model.named_modules():
@@ -388,13 +459,13 @@ class CAMExplainer(Explainer):
                     handles.append(mod.register_forward_hook(
                         lambda _m, _a, out, _n=name: records.append((_n, out))))
             with torch.enable_grad():
-                logits = class_logits(self.model(inputs), self.output_index)
+                logits = self.logits(inputs, args)
         finally:
             for h in handles:
                 h.remove()
         ancestors = _graph_nodes(logits)
         for name, out in reversed(records):
-            if (isinstance(out, torch.Tensor) and out.ndim == inputs.ndim and out.grad_fn in ancestors
+            if (isinstance(out, torch.Tensor) and out.ndim == inputs[0].ndim and out.grad_fn in ancestors
                     and any(s > 1 for s in out.shape[2:])):
                 self._layer_name = name
                 return logits, out
@@ -402,25 +473,24 @@ class CAMExplainer(Explainer):
 
     # -- the call -------------------------------------------------------------------------------------------
 
-    def _raw_maps(self, inputs: torch.Tensor, acts: torch.Tensor, logits: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
+    def _raw_maps(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...], acts: torch.Tensor,
+                  logits: torch.Tensor, targets: torch.Tensor, tick: Ticker) -> torch.Tensor:
         """Raw, non-negative maps ``(B, T, *s)`` at the layer's resolution."""
         raise NotImplementedError
 
-    def attribute_with_info(self, inputs: torch.Tensor, target: Target = None) -> Attribution:
-        """Maps ``(B, T, *spatial)`` for ``inputs`` ``(B, C, *spatial)`` and ``target`` (module docstring)."""
-        _check_inputs(inputs)
+    def _attribute(self, inputs: tuple[torch.Tensor, ...], target: Target, args: tuple[Any, ...],
+                   tick: Ticker) -> Attribution:
+        _check_image_input(inputs[0])
         # An input that requires grad keeps a graph even through frozen (requires_grad=False) layers;
         # autograd.grad only walks back as far as the layer, so this adds no backward work.
-        x = inputs.detach().requires_grad_(self.needs_gradients or self._layer_name is None)
+        grads = self.needs == "gradients" or self._layer_name is None
+        x = tuple(t.detach().requires_grad_(grads and t.is_floating_point()) for t in inputs)
         with eval_mode(self.model), torch.enable_grad():
-            logits, acts = self._forward(x, with_grad=self.needs_gradients)
+            logits, acts = self._forward(x, args, with_grad=self.needs == "gradients")
             targets = resolve_targets(target, logits)
-            raw = self._raw_maps(x, acts, logits, targets)
-        raw = upsample(raw.detach().float(), inputs.shape[2:])
-        maps, flat, raw_max = normalise_maps(raw)
-        return Attribution(maps=maps, flat=flat, targets=targets, logits=logits.detach().float(),
-                           layer=self._layer_name, raw_max=raw_max)
+            layer_raw = self._raw_maps(x, args, acts, logits, targets, tick).detach().float()
+        raw = upsample(layer_raw, inputs[0].shape[2:])[:, :, None]
+        return self.finish((raw,), targets, logits, layer=self._layer_name, layer_raw=layer_raw[:, :, None])
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={type(self.model).__name__}, layer={self._layer_name!r}, "

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CAMExplainer, LayerSpec, register
+from .base import CAMExplainer, LayerSpec, Ticker, register
 
 
 def _spatial_dims(t: torch.Tensor) -> tuple[int, ...]:
@@ -49,20 +49,23 @@ def layer_gradients(logits: torch.Tensor, acts: torch.Tensor, targets: torch.Ten
 
 @register("gradcam")
 class GradCAM(CAMExplainer):
-    """Grad-CAM (Selvaraju et al. 2017): ``ReLU(sum_k w_k A_k)``, ``w_k`` = spatial mean of ``dS/dA_k``.
+    """Grad-CAM: ``ReLU(sum_k w_k A_k)``, ``w_k`` = spatial mean of ``dS/dA_k``.
 
-    ``GradCAM(model, layer=None, output_index=0)``; ``attribute(x (B, C, *spatial), target)`` ->
-    ``(B, T, *spatial)`` float32 in 0..1. Layer and target rules: :mod:`xai_core.explain.base`.
+    ``GradCAM(model, layer=None, output_index=0)``; ``attribute(x (B, C, *spatial), target)``.
+    Layer and target rules: :mod:`xai_core.explain.base`.
     """
+
+    title = "Grad-CAM (Selvaraju et al. 2017)"
 
     def _weights(self, acts: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return grad.mean(dim=_spatial_dims(grad))  # (B, K)
 
-    def _raw_maps(self, inputs: torch.Tensor, acts: torch.Tensor, logits: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
+    def _raw_maps(self, inputs: tuple[torch.Tensor, ...], args: tuple, acts: torch.Tensor, logits: torch.Tensor,
+                  targets: torch.Tensor, tick: Ticker) -> torch.Tensor:
         a = acts.detach()
         maps = []
-        for grad in layer_gradients(logits, acts, targets, self._layer_name):
+        for t, grad in enumerate(layer_gradients(logits, acts, targets, self._layer_name)):
+            tick(t / targets.shape[1])
             w = self._weights(a, grad.detach())
             maps.append(torch.einsum("bk,bk...->b...", w, a))
         return F.relu(torch.stack(maps, dim=1))  # (B, T, *s)
@@ -70,7 +73,7 @@ class GradCAM(CAMExplainer):
 
 @register("gradcam++")
 class GradCAMPlusPlus(GradCAM):
-    """Grad-CAM++ (Chattopadhyay et al. 2018) with the closed-form weights of its eq. 19.
+    """Grad-CAM++ with the closed-form weights of eq. 19 of Chattopadhyay et al.
 
     With ``g = dS/dA`` of the class logit ``S`` and ``Y = exp(S)``, the higher derivatives of ``Y``
     are ``exp(S) g^2`` and ``exp(S) g^3`` (exact for a piecewise-linear network), giving::
@@ -86,6 +89,8 @@ class GradCAMPlusPlus(GradCAM):
     ``monai.visualize.GradCAMpp``; both agree when ``g`` is constant over space.
     ``GradCAMPlusPlus(model, layer=None, output_index=0, variant="paper")``.
     """
+
+    title = "Grad-CAM++ (Chattopadhyay et al. 2018)"
 
     def __init__(self, model: nn.Module, *, layer: LayerSpec = None, output_index: int | str = 0,
                  variant: Literal["paper", "monai"] = "paper"):

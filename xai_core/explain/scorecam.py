@@ -20,18 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CAMExplainer, LayerSpec, class_logits, register, upsample
+from .base import CAMExplainer, LayerSpec, Ticker, register, upsample
 
 
 @register("scorecam")
 class ScoreCAM(CAMExplainer):
-    """Score-CAM. ``ScoreCAM(model, layer=None, output_index=0, batch_size=16, subtract_baseline=False)``.
+    """``ScoreCAM(model, layer=None, output_index=0, batch_size=16, subtract_baseline=False)``.
 
     ``batch_size``: masked inputs per forward (bounds memory: ``batch_size`` copies of one input).
-    ``attribute(x (B, C, *spatial), target)`` -> ``(B, T, *spatial)`` float32 in 0..1.
+    Extra inputs and ``additional_forward_args`` are passed unmasked (only input 0 is masked).
     """
 
-    needs_gradients = False
+    title = "Score-CAM (Wang et al. 2020)"
+    needs = "activations"
 
     def __init__(self, model: nn.Module, *, layer: LayerSpec = None, output_index: int | str = 0,
                  batch_size: int = 16, subtract_baseline: bool = False):
@@ -41,17 +42,21 @@ class ScoreCAM(CAMExplainer):
         self.batch_size = int(batch_size)
         self.subtract_baseline = bool(subtract_baseline)
 
-    def _probs(self, x: torch.Tensor) -> torch.Tensor:
-        return F.softmax(class_logits(self.model(x), self.output_index).float(), dim=1)
+    def _probs(self, x: torch.Tensor, rest: tuple[torch.Tensor, ...], args: tuple) -> torch.Tensor:
+        n = x.shape[0]
+        rest = tuple(r.expand(n, *r.shape[1:]) for r in rest)
+        return F.softmax(self.logits((x, *rest), args).float(), dim=1)
 
     @torch.no_grad()
-    def _raw_maps(self, inputs: torch.Tensor, acts: torch.Tensor, logits: torch.Tensor,
-                  targets: torch.Tensor) -> torch.Tensor:
-        size = inputs.shape[2:]
+    def _raw_maps(self, inputs: tuple[torch.Tensor, ...], args: tuple, acts: torch.Tensor, logits: torch.Tensor,
+                  targets: torch.Tensor, tick: Ticker) -> torch.Tensor:
+        size = inputs[0].shape[2:]
         a_all = acts.detach().float()
         maps = []
-        for b in range(inputs.shape[0]):
-            x = inputs[b:b + 1].detach()
+        n_items = inputs[0].shape[0]
+        for b in range(n_items):
+            x = inputs[0][b:b + 1].detach()
+            rest = tuple(t[b:b + 1].detach() for t in inputs[1:])
             a = a_all[b]  # (K, *s)
             k = a.shape[0]
             flat_a = a.flatten(1)
@@ -59,7 +64,7 @@ class ScoreCAM(CAMExplainer):
             probs = torch.empty(k, logits.shape[1], device=a.device)
             p0 = None
             if self.subtract_baseline or live.numel() < k:
-                p0 = self._probs(x * 0)[0]
+                p0 = self._probs(x * 0, rest, args)[0]
                 probs[:] = p0
             for start in range(0, live.numel(), self.batch_size):
                 idx = live[start:start + self.batch_size]
@@ -70,7 +75,8 @@ class ScoreCAM(CAMExplainer):
                 mf = torch.where(rng > 0, (mf - lo) / torch.where(rng > 0, rng, torch.ones_like(rng)),
                                  torch.zeros_like(mf))
                 masked = x * mf.view(-1, 1, *size).to(x.dtype)  # (n, C, *S)
-                probs[idx] = self._probs(masked)
+                probs[idx] = self._probs(masked, rest, args)
+                tick((b + (start + len(idx)) / max(1, live.numel())) / n_items)
             w = probs[:, targets[b]]  # (K, T)
             if self.subtract_baseline:
                 w = w - p0[targets[b]][None, :]

@@ -1,9 +1,12 @@
-"""Models by name: model cards, weights, and prediction on any input geometry.
+"""Models by name: model cards, weights, and one adapter per model kind.
 
 ``load("brain-lesion-3d")`` reads the model card (``weights/<name>.json``) and weights
-(``weights/<name>.pt``) that the training command wrote, and returns a :class:`LesionModel` that
-predicts on an :class:`~xai_core.io.Image` of any geometry: it resamples to the model grid
-(:mod:`xai_core.models.grid`), runs the network, and maps the outputs back onto the input grid.
+(``weights/<name>.pt``) that the training command wrote and returns the adapter of the card's
+``kind`` (:mod:`xai_core.models.adapter`). Kinds:
+
+* ``volume-classifier``: :class:`LesionModel`, a 3-D classifier with a segmentation head that
+  predicts on an :class:`~xai_core.io.Image` of any geometry: it resamples to the model grid
+  (:mod:`xai_core.models.grid`), runs the network, and maps the outputs back onto the input grid.
 """
 
 from __future__ import annotations
@@ -15,16 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 from pydantic import BaseModel, Field
 
 from ..io import Image
-from ..settings import get_settings, resolve_device
+from ..settings import Settings, resolve_device
+from .adapter import ModelAdapter, ModelInput
 from .brain_lesion_net import BrainLesionNet, ClassLogits
 from .grid import ModelGrid, normalise_intensity, to_tensor
 
-__all__ = ["ModelCard", "LesionModel", "ModelInput", "Prediction", "load", "available_models", "build_network"]
+__all__ = ["ModelCard", "ModelAdapter", "LesionModel", "ModelInput", "Prediction", "load", "available_models",
+           "build_network", "ADAPTERS"]
 
 ARCHITECTURES = {"BrainLesionNet": BrainLesionNet}
 
@@ -34,12 +38,16 @@ class ModelCard(BaseModel):
 
     name: str
     version: str
+    kind: str = Field("volume-classifier", description="adapter kind (xai_core.models.ADAPTERS)")
     architecture: str = "BrainLesionNet"
     arch_kwargs: dict[str, Any] = Field(default_factory=dict)
     classes: list[str]
     grid_size: int
     grid_spacing_mm: float
     cam_layer: str = Field(description="dotted module name CAM methods hook by default")
+    layers: dict[str, str] = Field(default_factory=dict,
+                                   description="default layer per explanation method (e.g. relig), when not "
+                                               "the method's own default")
     temperature: float = Field(1.0, description="softmax temperature fitted on validation data")
     calibration: str = "temperature scaling (validation set, NLL)"
     weights_sha256: str = ""
@@ -49,15 +57,6 @@ class ModelCard(BaseModel):
 
 def build_network(card: ModelCard) -> torch.nn.Module:
     return ARCHITECTURES[card.architecture](**card.arch_kwargs)
-
-
-@dataclass
-class ModelInput:
-    """A volume on the model grid. ``tensor`` is ``(1, 1, K, J, I)`` float32; ``ref`` the grid."""
-
-    tensor: torch.Tensor
-    ref: sitk.Image
-    image: Image
 
 
 @dataclass
@@ -79,34 +78,41 @@ class Prediction:
     lesion_mask: Image
 
 
-class LesionModel:
-    """A loaded dual-output model with its card, device and model grid."""
+class LesionModel(ModelAdapter):
+    """Kind ``volume-classifier``: a dual-output 3-D network on an axis-aligned model grid.
+
+    ``prepare`` resamples and normalises the image onto the model grid (``inputs[0]`` is
+    ``(1, 1, K, J, I)`` float32); ``to_input`` resamples maps back with the identity transform.
+    """
+
+    kind = "volume-classifier"
+    output_index = 0
 
     def __init__(self, card: ModelCard, net: torch.nn.Module, device: torch.device):
-        self.card = card
-        self.net = net.to(device).eval()
-        self.device = device
+        super().__init__(card, net, device)
         self.grid = ModelGrid(card.grid_size, card.grid_spacing_mm)
 
-    @property
-    def classes(self) -> list[str]:
-        return self.card.classes
-
     def classifier(self) -> torch.nn.Module:
-        """The class-logit view ``(B, 1, K, J, I) -> (B, C)`` that explainers attribute."""
+        """The class-logit view ``(B, 1, K, J, I) -> (B, C)`` (for libraries that want one tensor)."""
         return ClassLogits(self.net, 0)
 
-    def prepare(self, image: Image) -> ModelInput:
+    def forward_func(self):
+        # The class path only: the segmentation decoder does not feed the class logits.
+        classify = getattr(self.net, "classify", None)
+        return classify if callable(classify) else super().forward_func()
+
+    def prepare(self, image: Image, **request: Any) -> ModelInput:
         """Resample and normalise ``image`` onto the model grid."""
         arr, ref = self.grid.to_model(image)
-        return ModelInput(to_tensor(normalise_intensity(arr), self.device), ref, image)
+        return ModelInput(inputs=(to_tensor(normalise_intensity(arr), self.device),), image=image, ref=ref)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits / self.card.temperature, dim=-1)
 
     @torch.no_grad()
-    def predict(self, image: Image, inputs: ModelInput | None = None) -> Prediction:
-        inputs = inputs or self.prepare(image)
+    def predict(self, inputs: ModelInput | Image) -> Prediction:
+        inputs = self.prepare(inputs) if isinstance(inputs, Image) else inputs
+        image = inputs.image
         out = self.net(inputs.tensor)
         logits = out.class_logits[0].float()
         probs = self.calibrated(logits).cpu().numpy()
@@ -120,16 +126,29 @@ class LesionModel:
             lesion_mask=image.with_array((seg_in >= 0.5).astype(np.uint8)),
         )
 
+    def to_input(self, maps: torch.Tensor | np.ndarray, inputs: ModelInput) -> list[Image]:
+        """``(T, K, J, I)`` model-grid maps -> float32 images on the input grid (linear resampling;
+        values keep their unit per model-grid voxel)."""
+        arr = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
+        return [inputs.image.with_array(self.grid.to_input(m, inputs.ref, inputs.image).astype(np.float32))
+                for m in arr]
 
-def _weights_dirs(weights_dir: Path | None) -> list[Path]:
-    s = get_settings()
+
+# Adapter class per card kind.
+ADAPTERS: dict[str, type[ModelAdapter]] = {LesionModel.kind: LesionModel}
+
+
+def _weights_dirs(weights_dir: Path | None, settings: Settings | None) -> list[Path]:
+    if weights_dir:
+        return [Path(weights_dir)]
+    s = settings or Settings()
     # Fine-tuned weights (user dir) take precedence over the shipped ones, which are never written.
-    return [weights_dir] if weights_dir else [s.user_weights_dir, s.weights_dir]
+    return [Path(s.user_weights_dir), Path(s.weights_dir)]
 
 
-def available_models(weights_dir: Path | None = None) -> list[str]:
+def available_models(weights_dir: Path | None = None, settings: Settings | None = None) -> list[str]:
     names = set()
-    for d in _weights_dirs(weights_dir):
+    for d in _weights_dirs(weights_dir, settings):
         names |= {p.stem for p in Path(d).glob("*.json") if (p.with_suffix(".pt")).exists()}
     return sorted(names)
 
@@ -139,17 +158,21 @@ def sha256(path: Path) -> str:
 
 
 def load(name: str = "brain-lesion-3d", device: str | torch.device | None = None,
-         weights_dir: Path | None = None) -> LesionModel:
-    """Load model ``name`` (card + weights) onto ``device`` (default: CUDA when present)."""
-    for d in _weights_dirs(weights_dir):
+         weights_dir: Path | None = None, settings: Settings | None = None) -> ModelAdapter:
+    """Load model ``name`` (card + weights) onto ``device`` (default: the settings' device, CUDA when
+    present) as the adapter of its card's kind."""
+    for d in _weights_dirs(weights_dir, settings):
         card_path = Path(d) / f"{name}.json"
         if card_path.exists() and card_path.with_suffix(".pt").exists():
             break
     else:
-        raise KeyError(f"unknown model {name!r}; available: {available_models(weights_dir)}")
+        raise KeyError(f"unknown model {name!r}; available: {available_models(weights_dir, settings)}")
     card = ModelCard.model_validate(json.loads(card_path.read_text()))
+    adapter = ADAPTERS.get(card.kind)
+    if adapter is None:
+        raise ValueError(f"model {name!r} has kind {card.kind!r}, which no adapter serves ({sorted(ADAPTERS)})")
     net = build_network(card)
     state = torch.load(card_path.with_suffix(".pt"), map_location="cpu", weights_only=True)
     net.load_state_dict({k: v.float() for k, v in state.items()})
-    dev = resolve_device(str(device)) if device is not None else resolve_device()
-    return LesionModel(card, net, dev)
+    dev = resolve_device(str(device) if device is not None else (settings or Settings()).device)
+    return adapter(card, net, dev)

@@ -78,10 +78,15 @@ class BrainLesionNet(nn.Module):
         self.encoder_seg = (Convolution(sd, c3, seg_channels, kernel_size=1, conv_only=True)
                             if lesion_gate else None)
 
-    def forward(self, x: torch.Tensor) -> LesionOutput:
-        e0 = self.stem(x)
-        e1 = self.down1(e0)
-        e2 = self.down2(e1)
+    @property
+    def cascade_order(self) -> list[str]:
+        """Modules on the path to the class logits, output first (cascading randomisation)."""
+        if self.lesion_gate:
+            return ["classifier", "encoder_seg", "encoder_body", "down2", "down1", "stem"]
+        return ["classifier", "encoder_out", "down2", "down1", "stem"]
+
+    def _tail(self, e2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """From the ``down2`` output to ``(class logits, ungated last-stage features, lesion logits)``."""
         if self.lesion_gate:
             h = self.encoder_body(e2)
             lesion = self.encoder_seg(h)
@@ -90,7 +95,32 @@ class BrainLesionNet(nn.Module):
             h = e3 = self.encoder_out(e2)
             lesion = None
         pooled = torch.cat([self.avg_pool(e3).flatten(1), self.max_pool(e3).flatten(1)], dim=1)
-        logits = self.classifier(pooled)
+        return self.classifier(pooled), h, lesion
+
+    # Encoder stages whose output forward_from can continue from.
+    sequential_stages = ("stem", "down1", "down2")
+
+    def forward_from(self, layer: str, h: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` from the output ``h`` of encoder stage ``layer`` (one of
+        :attr:`sequential_stages`): the rest of the class path, without recomputing the stages
+        before it. Path methods that attribute at an early layer call this for every step."""
+        stages = self.sequential_stages
+        if layer not in stages:
+            raise ValueError(f"forward_from continues from {stages}, not {layer!r}")
+        for name in stages[stages.index(layer) + 1:]:
+            h = getattr(self, name)(h)
+        return self._tail(h)[0]
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, num_classes)`` only: the encoder and classifier, no decoder (about half
+        the cost of :meth:`forward`; what black-box and path methods call)."""
+        return self.forward_from("stem", self.stem(x))
+
+    def forward(self, x: torch.Tensor) -> LesionOutput:
+        e0 = self.stem(x)
+        e1 = self.down1(e0)
+        e2 = self.down2(e1)
+        logits, h, lesion = self._tail(e2)
         # The decoder reads the ungated features: segmentation keeps the whole context.
         d2 = self.dec2(torch.cat([h, e2], dim=1))
         d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))

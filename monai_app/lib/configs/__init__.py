@@ -1,5 +1,8 @@
-"""Task configs (MONAI Label ``TaskConfig``): which infer and train tasks the app offers."""
+"""Task configs (MONAI Label ``TaskConfig``): which infer and train tasks the app offers, per model kind."""
 
-from .brain_lesion import BrainLesionConfig, wire_name
+from .volume_classifier import VolumeClassifierConfig, task_name, wire_name
 
-__all__ = ["BrainLesionConfig", "wire_name"]
+# Config class per model kind (the card's ``kind``).
+CONFIGS = {"volume-classifier": VolumeClassifierConfig}
+
+__all__ = ["CONFIGS", "VolumeClassifierConfig", "task_name", "wire_name"]

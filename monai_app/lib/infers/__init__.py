@@ -1,7 +1,7 @@
 """Infer tasks (MONAI Label ``InferTask``s) that call ``xai_core``; no explanation logic lives here."""
 
-from .base import XAIInferTask, parse_target
+from .base import XAIInferTask
 from .explain import ExplainTask, SaliencyMaskTask
 from .predict import ClassifyTask, SegmentTask
 
-__all__ = ["ClassifyTask", "ExplainTask", "SaliencyMaskTask", "SegmentTask", "XAIInferTask", "parse_target"]
+__all__ = ["ClassifyTask", "ExplainTask", "SaliencyMaskTask", "SegmentTask", "XAIInferTask"]

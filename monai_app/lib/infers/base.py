@@ -9,8 +9,8 @@
   runs its inferer under ``torch.no_grad`` and gradient-based explainers need the graph,
 * writer: the task's own files (written by ``xai_core``; MONAI Label's writer would resample).
 
-The model is the runtime's cached ``LesionModel``; the network argument of ``BasicInferTask``
-stays None.
+The model is the runtime's cached adapter of the task's model (``runtime.cache(model)``); the
+network argument of ``BasicInferTask`` stays None.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from xai_core.explain import parse_target
 from xai_core.io import read_image
 
 from ..errors import BadInput
@@ -56,15 +57,21 @@ class XAIInferTask(BasicInferTask):
     optionally ``data[RESULT_FILE_KEY]`` (the one file of the HTTP response)."""
 
     def __init__(self, runtime: XAIRuntime, name: str, type: InferType | str, labels: Any, description: str,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, model: str | None = None):
         super().__init__(path=None, network=None, type=type, labels=labels, dimension=3,
                          description=description, config=config)
         self.runtime = runtime
         self.name = name
+        self.model_name = model or runtime.options.model
+
+    @property
+    def cache(self):
+        """The :class:`~lib.models.ModelCache` of this task's model."""
+        return self.runtime.cache(self.model_name)
 
     def is_valid(self) -> bool:
         # MONAI Label lists only valid tasks in /info/: without weights there is nothing to serve.
-        return self.runtime.models.available()
+        return self.cache.available()
 
     def pre_transforms(self, data: dict[str, Any] | None = None) -> Sequence[Callable]:
         return [ReadImage()]
@@ -84,7 +91,7 @@ class XAIInferTask(BasicInferTask):
 
     def check_params(self, params: dict[str, Any]) -> None:
         """Reject bad parameters before any work is queued (the HTTP layer calls this)."""
-        classes = self.runtime.models.card().get("classes")
+        classes = self.cache.card().get("classes")
         if classes and "target" in params:
             parse_target(params["target"], classes)
 
@@ -112,26 +119,6 @@ class XAIInferTask(BasicInferTask):
         if response_file and data.get(WANTS_FILE_KEY, True):
             data[RESULT_FILE_KEY] = self.runtime.results.outgoing_copy(
                 result_id, response_file, f"{self.name}_{result_id}.nii.gz")
-
-
-def parse_target(value: Any, classes: Sequence[str]) -> str | int | None:
-    """The ``target`` parameter checked against the model's classes (422 names the choices)."""
-    if isinstance(value, list | tuple):  # MONAI Label clients may send a config list's first choice
-        value = value[0] if value else None
-    if value is None or value == "" or value == "predicted":
-        return None
-    if value == "all":
-        return "all"
-    if isinstance(value, bool):
-        raise BadInput("target must be a class name, an index, 'all' or 'predicted', not a boolean")
-    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
-        idx = int(value)
-        if not 0 <= idx < len(classes):
-            raise BadInput(f"target class index {idx} is out of range 0..{len(classes) - 1} ({list(classes)})")
-        return idx
-    if isinstance(value, str) and value in classes:
-        return value
-    raise BadInput(f"unknown target {value!r}; use a class name {list(classes)}, an index, 'all' or 'predicted'")
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

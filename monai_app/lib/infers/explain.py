@@ -8,7 +8,6 @@ the HTTP response carries: the float32 heatmap (``explanation`` type) or the uin
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -18,19 +17,12 @@ from xai_core.pipeline import explain, write_explanation
 
 from ..errors import BadInput
 from ..runtime import XAIRuntime
-from .base import IMAGE_KEY, Progress, XAIInferTask, parse_target
+from .base import IMAGE_KEY, Progress, XAIInferTask
 
 EXPLANATION_TYPE = "explanation"  # not one of MONAI Label's InferType values: stock viewers skip it
 
-# xai_core.pipeline reports the stage it has reached; a job shows the stage running now.
-RUNNING_STAGE = {"prepare": ("prepare", 0.05), "predict": ("attribute", 0.2), "attribute": ("mask", 0.7),
-                 "done": ("write", 0.9)}
-
-
-def method_description(method: str) -> str:
-    """The explainer docstring's title, e.g. "Grad-CAM (Selvaraju et al. 2017)"."""
-    doc = (get_explainer(method).__doc__ or method).strip().splitlines()[0].replace("``", "")
-    return re.split(r":\s|\.\s+(?=\S*\()", doc, maxsplit=1)[0].rstrip(".")
+# xai_core.pipeline reports the stage running now; after its last stage the task writes files.
+RUNNING_STAGE = {"done": ("write", 0.9)}
 
 
 class ExplainTask(XAIInferTask):
@@ -38,10 +30,10 @@ class ExplainTask(XAIInferTask):
 
     response_artifact = "saliency.nii.gz"
 
-    def __init__(self, runtime: XAIRuntime, name: str, method: str, classes: list[str]):
+    def __init__(self, runtime: XAIRuntime, name: str, method: str, classes: list[str], model: str | None = None):
         super().__init__(runtime, name, EXPLANATION_TYPE, labels=classes,
-                         description=f"{method_description(method)}: float32 heatmap 0..1 on the input grid",
-                         config={"target": "predicted"})
+                         description=f"{get_explainer(method).title}: float32 heatmap 0..1 on the input grid",
+                         config={"target": "predicted"}, model=model)
         self.method = method
 
     def method_for(self, data: dict[str, Any]) -> str:
@@ -50,13 +42,13 @@ class ExplainTask(XAIInferTask):
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
         progress("load", 0.0)
         method = self.method_for(data)
-        model = self.runtime.models.get()
-        target = parse_target(data.get("target"), model.classes)
+        model = self.cache.get()
 
         def running(stage: str, fraction: float) -> None:
             progress(*RUNNING_STAGE.get(stage, (stage, fraction)))
 
-        exp = explain(data[IMAGE_KEY], method, target=target, model=model, progress=running)
+        exp = explain(data[IMAGE_KEY], method, target=data.get("target"), model=model, progress=running,
+                      settings=self.runtime.settings)
         result_id, folder = self.runtime.results.create()
         write_explanation(exp, folder, overlay=False)
         result = {**self.base_json(data, result_id), **exp.summary()}
@@ -68,12 +60,13 @@ class SaliencyMaskTask(ExplainTask):
 
     response_artifact = "mask.nii.gz"
 
-    def __init__(self, runtime: XAIRuntime, name: str, methods: dict[str, str], default: str):
+    def __init__(self, runtime: XAIRuntime, name: str, methods: dict[str, str], default: str,
+                 model: str | None = None):
         XAIInferTask.__init__(
             self, runtime, name, InferType.SEGMENTATION, labels={"salient_region": 1},
             description="Saliency mask (uint8 0/1) of an explanation method, input grid; "
                         f"params: method ({', '.join(methods)}), target",
-            config={"method": default, "target": "predicted"})
+            config={"method": default, "target": "predicted"}, model=model)
         self.methods = methods  # wire name -> xai_core method name
         self.method = methods[default]
 

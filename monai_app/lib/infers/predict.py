@@ -8,14 +8,14 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from xai_core.io import Image, write_image
-from xai_core.models import LesionModel, Prediction
+from xai_core.models import ModelAdapter, Prediction
 from xai_core.pipeline import software_versions
 
 from ..runtime import XAIRuntime
 from .base import IMAGE_KEY, Progress, XAIInferTask, timed
 
 
-def prediction_json(pred: Prediction, model: LesionModel, image: Image) -> dict[str, Any]:
+def prediction_json(pred: Prediction, model: ModelAdapter, image: Image) -> dict[str, Any]:
     """The ``prediction`` block, in the same shape as ``Explanation.summary()["prediction"]``."""
     card = model.card
     voxel_ml = float(np.prod(image.spacing)) / 1000.0
@@ -29,14 +29,14 @@ def prediction_json(pred: Prediction, model: LesionModel, image: Image) -> dict[
     }
 
 
-def model_json(model: LesionModel) -> dict[str, Any]:
+def model_json(model: ModelAdapter) -> dict[str, Any]:
     return {"name": model.card.name, "version": model.card.version, "weights_sha256": model.card.weights_sha256}
 
 
-def predict_with_progress(runtime: XAIRuntime, data: dict[str, Any], progress: Progress):
-    """The current model, the request's image, its prediction and the seconds it took."""
+def predict_with_progress(task: XAIInferTask, data: dict[str, Any], progress: Progress):
+    """The task's current model, the request's image, its prediction and the seconds it took."""
     progress("load", 0.0)
-    model = runtime.models.get()
+    model = task.cache.get()
     image = data[IMAGE_KEY]
     pred, seconds = timed(lambda: model.predict(image))
     progress("write", 0.9)
@@ -46,12 +46,12 @@ def predict_with_progress(runtime: XAIRuntime, data: dict[str, Any], progress: P
 class ClassifyTask(XAIInferTask):
     """Calibrated class probabilities; the reply is JSON only."""
 
-    def __init__(self, runtime: XAIRuntime, name: str, classes: list[str]):
+    def __init__(self, runtime: XAIRuntime, name: str, classes: list[str], model: str | None = None):
         super().__init__(runtime, name, InferType.CLASSIFICATION, labels=classes,
-                         description="Lesion class with calibrated probabilities (JSON only)")
+                         description="Lesion class with calibrated probabilities (JSON only)", model=model)
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        model, image, pred, seconds = predict_with_progress(self.runtime, data, progress)
+        model, image, pred, seconds = predict_with_progress(self, data, progress)
         result_id, _ = self.runtime.results.create()
         result = {**self.base_json(data, result_id), "prediction": prediction_json(pred, model, image),
                   "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
@@ -62,12 +62,13 @@ class ClassifyTask(XAIInferTask):
 class SegmentTask(XAIInferTask):
     """The segmentation head's lesion mask (uint8 0/1, probability >= 0.5) on the input grid."""
 
-    def __init__(self, runtime: XAIRuntime, name: str):
+    def __init__(self, runtime: XAIRuntime, name: str, model: str | None = None):
         super().__init__(runtime, name, InferType.SEGMENTATION, labels={"lesion": 1},
-                         description="Lesion mask of the model's segmentation head (uint8 0/1, input grid)")
+                         description="Lesion mask of the model's segmentation head (uint8 0/1, input grid)",
+                         model=model)
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        model, image, pred, seconds = predict_with_progress(self.runtime, data, progress)
+        model, image, pred, seconds = predict_with_progress(self, data, progress)
         result_id, folder = self.runtime.results.create()
         write_image(pred.lesion_mask, folder / "mask.nii.gz")
         write_image(pred.lesion_probability, folder / "probability.nii.gz")
