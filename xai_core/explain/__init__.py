@@ -1,34 +1,42 @@
-"""Explainers: ``get_explainer(name)(model, **kwargs).attribute(x, target)``.
+"""Explainers: ``get_explainer(name)(module_or_forward_func, **params).attribute(inputs, target=...)``.
 
-Registered here: ``gradcam``, ``gradcam++``, ``scorecam``. See :mod:`xai_core.explain.base` for the
-target, layer and flat-map rules.
+Registered here: ``gradcam``, ``gradcam++``, ``scorecam`` (the CAM family, on a module's layer).
+The contract (inputs, targets, raw signed attributions, display view, progress and cancel) is in
+:mod:`xai_core.explain.base`; the one target parser in :mod:`xai_core.explain.targets`.
 """
 
 from __future__ import annotations
 
 from .base import (
     Attribution,
+    AttributionCancelled,
     CAMExplainer,
     Explainer,
     available_methods,
+    display_view,
     get_explainer,
     register,
-    resolve_targets,
     select_output,
 )
 from .gradcam import GradCAM, GradCAMPlusPlus
 from .scorecam import ScoreCAM
+from .targets import TargetError, parse_target, resolve_targets, target_classes
 
 __all__ = [
     "Attribution",
+    "AttributionCancelled",
     "CAMExplainer",
     "Explainer",
     "GradCAM",
     "GradCAMPlusPlus",
     "ScoreCAM",
+    "TargetError",
     "available_methods",
+    "display_view",
     "get_explainer",
+    "parse_target",
     "register",
     "resolve_targets",
     "select_output",
+    "target_classes",
 ]
