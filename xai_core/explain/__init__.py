@@ -1,6 +1,8 @@
 """Explainers: ``get_explainer(name)(module_or_forward_func, **params).attribute(inputs, target=...)``.
 
-Registered here: ``gradcam``, ``gradcam++``, ``scorecam`` (the CAM family, on a module's layer).
+Registered here: ``gradcam``, ``gradcam++``, ``scorecam`` (the CAM family, on a module's layer);
+``ig`` (integrated gradients on the voxels, any differentiable function) and ``relig`` (layer
+integrated gradients at an early layer with noise tunnelling, :mod:`.integrated_gradients`).
 The contract (inputs, targets, raw signed attributions, display view, progress and cancel) is in
 :mod:`xai_core.explain.base`; the one target parser in :mod:`xai_core.explain.targets`.
 """
@@ -19,6 +21,8 @@ from .base import (
     select_output,
 )
 from .gradcam import GradCAM, GradCAMPlusPlus
+from .integrated_gradients import RELIG, IntegratedGradients, LayerIntegratedGradients
+from .noise_tunnel import NoiseTunnel
 from .scorecam import ScoreCAM
 from .targets import TargetError, parse_target, resolve_targets, target_classes
 
@@ -29,6 +33,10 @@ __all__ = [
     "Explainer",
     "GradCAM",
     "GradCAMPlusPlus",
+    "IntegratedGradients",
+    "LayerIntegratedGradients",
+    "NoiseTunnel",
+    "RELIG",
     "ScoreCAM",
     "TargetError",
     "available_methods",
