@@ -115,17 +115,18 @@ class Server:
         return requests.delete(self.url + path, headers={**self.headers, **kw.pop("headers", {})}, **kw)
 
 
-@contextlib.contextmanager
-def running_server(studies: Path, datastore: Path, log_path: Path, env: dict[str, str], token: str = "",
-                   conf: dict[str, str] | None = None, timeout: float = 240.0) -> Iterator[Server]:
-    """Start ``xai serve`` on a free loopback port, wait until ``/info/`` answers, stop it afterwards."""
+def start_server(studies: Path, datastore: Path, log_path: Path, env: dict[str, str], token: str = "",
+                 conf: dict[str, str] | None = None, timeout: float = 240.0) -> Server:
+    """Start ``xai serve`` on a free loopback port and wait until ``/info/`` answers (stop it with
+    :func:`stop_server`). The process is the server itself (``xai serve`` execs it), so a signal sent
+    to ``server.process`` reaches the server. The log is appended to, so restarts keep one log."""
     port = free_port()
     cmd = [str(Path(sys.executable).with_name("xai")), "serve", "--host", "127.0.0.1", "--port", str(port),
            "--studies", str(studies), "--datastore", str(datastore)]
     for k, v in (conf or {}).items():
         cmd += ["--conf", k, v]
     full_env = {**os.environ, **env}
-    with open(log_path, "wb") as log:
+    with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=REPO_ROOT)
     server = Server(url=f"http://127.0.0.1:{port}", token=token, process=proc, log_path=log_path,
                     datastore=datastore, env=full_env)
@@ -141,13 +142,40 @@ def running_server(studies: Path, datastore: Path, log_path: Path, env: dict[str
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server not ready after {timeout:.0f} s:\n{server.log_text()[-4000:]}")
-            time.sleep(0.5)
+            time.sleep(0.25)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server
+
+
+def stop_server(server: Server) -> None:
+    """SIGTERM, then SIGKILL after 20 s; a server that already exited is left alone."""
+    proc = server.process
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running_server(studies: Path, datastore: Path, log_path: Path, env: dict[str, str], token: str = "",
+                   conf: dict[str, str] | None = None, timeout: float = 240.0) -> Iterator[Server]:
+    """Start ``xai serve`` on a free loopback port, wait until ``/info/`` answers, stop it afterwards."""
+    server = start_server(studies, datastore, log_path, env, token=token, conf=conf, timeout=timeout)
+    try:
         yield server
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        stop_server(server)
+
+
+def tiny_server_env(root: Path) -> dict[str, str]:
+    """Environment for a server on the tiny random-weight model (written under ``root``), on the CPU."""
+    shipped, user = root / "shipped_weights", root / "user_weights"
+    if not (shipped / f"{MODEL}.json").is_file():
+        make_tiny_model(shipped)
+    user.mkdir(parents=True, exist_ok=True)
+    return {"XAI_DEVICE": "cpu", "XAI_WEIGHTS_DIR": str(shipped), "XAI_USER_WEIGHTS_DIR": str(user)}
