@@ -151,7 +151,7 @@ def test_metaimage_naming_another_file_is_refused(tmp_path, secret, data_file):
 def test_nrrd_with_detached_data_is_refused(tmp_path, secret, field):
     path = tmp_path / "upload.nrrd"
     path.write_bytes(nrrd_header(field.replace("SECRET", str(secret)) + "\n\n"))
-    with pytest.raises(DetachedDataError, match="NRRD header takes the voxels from another file"):
+    with pytest.raises(DetachedDataError, match="NRRD header that takes its voxels from another file"):
         read_untrusted_image(path)
 
 
@@ -548,3 +548,13 @@ def test_refusals_are_image_errors_with_path_and_problem(cls):
     assert type(back) is cls and back.problem == e.problem
     assert issubclass(DecodeBudgetError, TooLargeError) and issubclass(SpacingError, GeometryError)
     assert not issubclass(TooSmallError, DimensionError)
+
+
+def test_compressed_metaimage_with_crlf_header_reads(tmp_path):
+    """The inflation check finds the data after a header with Windows line ends."""
+    raw = write_image(volume(), tmp_path / "v.mha").read_bytes()  # ITK compresses MetaImage data
+    head, sep, data = raw.partition(b"ElementDataFile = LOCAL\n")
+    assert b"CompressedData = True" in head
+    path = tmp_path / "crlf.mha"
+    path.write_bytes(head.replace(b"\n", b"\r\n") + sep.replace(b"\n", b"\r\n") + data)
+    np.testing.assert_array_equal(read_untrusted_image(path).array, volume().array)

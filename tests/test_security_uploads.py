@@ -178,7 +178,8 @@ def test_the_issue_reproduction_etc_passwd_leak(server):
     before = datastore_files(server)
     r = server.put("/datastore/image", params={"image": "leak"},
                    files={"file": ("l.mha", meta_header("/etc/passwd"))})
-    assert_refused(server, r, 422, "ElementDataFile = /etc/passwd", "LOCAL")
+    assert_refused(server, r, 422, "has a MetaImage header that takes its voxels from another file",
+                   "ElementDataFile = '/etc/passwd'", "LOCAL")
     download = server.get("/datastore/image", params={"image": "leak"})
     assert download.status_code == 404 and b"root:" not in download.content
     assert_nothing_stored(server, before)

@@ -548,8 +548,8 @@ def _check_data(path: Path, layout: _Layout | None, settings: Settings | None = 
             cap = _inflate_cap(layout.nbytes, settings or Settings())
         have, n_nan, n_inf = _scan_voxel_data(path, layout, cap)
         if cap is not None and have > cap:
-            raise DecompressionBombError(path, f"its gzip data inflates to more than {_mib(cap)} although its "
-                                               f"header declares {_mib(layout.nbytes)} of voxels (trailing "
+            raise DecompressionBombError(path, f"has gzip data that inflates to more than {_mib(cap)} although "
+                                               f"its header declares {_mib(layout.nbytes)} of voxels (trailing "
                                                "data); refused without inflating the rest")
     if have < layout.nbytes:
         what = "once decompressed " if layout.encoding != "raw" else ""
@@ -597,32 +597,32 @@ def _mib(n: float) -> str:
 
 @dataclass(frozen=True)
 class _Sniffed:
-    """What the first bytes of an untrusted file say: its format, and its header text for NRRD and
-    MetaImage (lines up to the end of the header)."""
+    """What the first bytes of an untrusted file say: its format, and for NRRD and MetaImage its header
+    lines (up to the end of the header) and the byte offset where the data starts."""
 
     fmt: str
     lines: tuple[str, ...] = ()
+    data_offset: int = 0
 
 
-def _text_header(path: Path, blob: bytes, fmt: str) -> tuple[str, ...]:
-    """The header lines of a NRRD (up to its blank line) or MetaImage (up to ``ElementDataFile``)."""
+def _text_header(path: Path, blob: bytes, fmt: str) -> _Sniffed:
+    """The header of a NRRD (up to its blank line) or MetaImage (up to ``ElementDataFile``)."""
     lines: list[str] = []
     pos = 0
     while True:
         nl = blob.find(b"\n", pos)
         if nl < 0:
             if len(blob) > _HEADER_LIMIT:
-                raise UnreadableImageError(path, f"its {_fmt_name(fmt)} header is longer than {_mib(_HEADER_LIMIT)}")
+                raise UnreadableImageError(path, f"has a {_fmt_name(fmt)} header longer than {_mib(_HEADER_LIMIT)}")
             if blob[pos:]:
                 lines.append(blob[pos:].decode("latin-1").rstrip("\r"))
-            return tuple(lines)  # the file ends inside its header
+            return _Sniffed(fmt, tuple(lines), len(blob))  # the file ends inside its header
         line = blob[pos:nl].decode("latin-1").rstrip("\r")
         pos = nl + 1
         lines.append(line)
-        if fmt == "nrrd" and line == "":
-            return tuple(lines)
-        if fmt == "meta" and line.partition("=")[0].strip().lower() == "elementdatafile":
-            return tuple(lines)
+        if (fmt == "nrrd" and line == "") or (
+                fmt == "meta" and line.partition("=")[0].strip().lower() == "elementdatafile"):
+            return _Sniffed(fmt, tuple(lines), pos)
 
 
 def _fmt_name(fmt: str) -> str:
@@ -639,14 +639,14 @@ def _sniff(path: Path) -> _Sniffed:
         _nifti_kind(path, head, compressed=True)
         return _Sniffed("nifti")
     if blob.startswith(b"NRRD"):
-        return _Sniffed("nrrd", _text_header(path, blob, "nrrd"))
+        return _text_header(path, blob, "nrrd")
     if blob[128:132] == b"DICM":
         return _Sniffed("dicom")
     if len(blob) >= 4 and _nifti_kind(path, blob[:540], compressed=False):
         return _Sniffed("nifti")
     first = blob[:4096].split(b"\n", 1)[0].decode("latin-1")
     if _META_LINE.match(first):
-        return _Sniffed("meta", _text_header(path, blob, "meta"))
+        return _text_header(path, blob, "meta")
     if path.suffix.lower() in _DICOM_SUFFIXES:
         raise NonImageDicomError(path, "is not a DICOM Part 10 file (no 'DICM' marker after the 128-byte "
                                        "preamble); only Part 10 DICOM files can be uploaded")
@@ -705,17 +705,17 @@ def _check_geometry_values(path: Path, what: str, spacing: list[float], other: d
     """Raise unless every spacing is finite and positive and every ``other`` value finite."""
     bad = [s for s in spacing if not (math.isfinite(s) and s > 0)]
     if bad:
-        raise SpacingError(path, f"its {what} declares voxel spacing {tuple(spacing)}: spacings must be finite and "
-                                 "positive (a reader would silently use 1 mm)")
+        raise SpacingError(path, f"declares voxel spacing {tuple(spacing)} in its {what}: spacings must be finite "
+                                 "and positive (a reader would silently use 1 mm)")
     for name, values in other.items():
         if not all(math.isfinite(v) for v in values):
-            raise GeometryError(path, f"its {what} declares a non-finite {name} {tuple(values)}")
+            raise GeometryError(path, f"declares a non-finite {name} {tuple(values)} in its {what}")
 
 
 def _check_nrrd_header(path: Path, lines: tuple[str, ...]) -> None:
     for line in lines:
         if not line.startswith("#") and _DETACHED_NRRD.match(line):
-            raise DetachedDataError(path, f"its NRRD header takes the voxels from another file "
+            raise DetachedDataError(path, f"has a NRRD header that takes its voxels from another file "
                                           f"({line.strip()[:120]!r}); uploads must hold their data (attached NRRD)")
     if not lines or lines[-1] != "":
         raise UnreadableImageError(path, "is truncated or a detached header: no voxel data follows its NRRD header")
@@ -737,20 +737,20 @@ def _check_nrrd_header(path: Path, lines: tuple[str, ...]) -> None:
         if "space origin" in f:
             other["space origin"] = _floats(f["space origin"])
     except ValueError:
-        raise GeometryError(path, "its NRRD header has spacing, direction or origin values that are not numbers") \
-            from None
+        raise GeometryError(path, "has spacing, direction or origin values in its NRRD header that are not "
+                                  "numbers") from None
     _check_geometry_values(path, "NRRD header", spacing, other)
 
 
 def _check_meta_header(path: Path, lines: tuple[str, ...]) -> None:
     f = _fields(lines, "=")
     if "elementdatafile" not in f:
-        raise UnreadableImageError(path, "its MetaImage header has no 'ElementDataFile = LOCAL' line "
+        raise UnreadableImageError(path, "has a MetaImage header without an 'ElementDataFile = LOCAL' line "
                                          "(truncated, or not a MetaImage)")
     if f["elementdatafile"].upper() != "LOCAL":
-        raise DetachedDataError(path, f"its MetaImage header takes the voxels from another file (ElementDataFile = "
-                                      f"{f['elementdatafile'][:120]}); uploads must hold their data "
-                                      "(ElementDataFile = LOCAL)")
+        raise DetachedDataError(path, f"has a MetaImage header that takes its voxels from another file "
+                                      f"(ElementDataFile = {f['elementdatafile'][:120]!r}); uploads must hold their "
+                                      "data (ElementDataFile = LOCAL)")
     try:
         spacing = _floats(f["elementspacing"]) if "elementspacing" in f else []
         if "elementsize" in f:
@@ -758,8 +758,8 @@ def _check_meta_header(path: Path, lines: tuple[str, ...]) -> None:
         other = {k: _floats(f[k]) for k in ("offset", "origin", "position", "transformmatrix", "rotation",
                                             "orientation", "centerofrotation") if k in f}
     except ValueError:
-        raise GeometryError(path, "its MetaImage header has spacing, offset or matrix values that are not numbers") \
-            from None
+        raise GeometryError(path, "has spacing, offset or matrix values in its MetaImage header that are not "
+                                  "numbers") from None
     _check_geometry_values(path, "MetaImage header", spacing, other)
 
 
@@ -797,7 +797,7 @@ def _check_nifti_header(path: Path) -> None:
         if sform_code > 0 and all(math.isfinite(v) for v in srow):
             norms = np.linalg.norm(np.asarray(srow).reshape(3, 4)[:, :3], axis=0)
             if (norms[:n] <= 0).any():
-                raise SpacingError(path, f"its NIfTI sform has a zero-length axis (column norms {tuple(norms)}); "
+                raise SpacingError(path, f"has a NIfTI sform with a zero-length axis (column norms {tuple(norms)}); "
                                          "spacings must be positive")
         return
 
@@ -828,8 +828,8 @@ def _check_dicom_object(path: Path) -> None:
         try:
             spacing = [float(v) for v in ds.PixelSpacing]
         except (TypeError, ValueError):
-            raise SpacingError(path, f"its DICOM Pixel Spacing {ds['PixelSpacing'].value!r} is not two numbers") \
-                from None
+            raise SpacingError(path, f"has a DICOM Pixel Spacing {ds['PixelSpacing'].value!r} that is not two "
+                                     "numbers") from None
         _check_geometry_values(path, "DICOM Pixel Spacing", spacing, {})
 
 
@@ -847,9 +847,9 @@ def _check_untrusted_file(path: Path) -> _Sniffed:
     return sniffed
 
 
-def _check_meta_inflation(path: Path, lines: tuple[str, ...], cfg: Settings) -> None:
+def _check_meta_inflation(path: Path, sniffed: _Sniffed, cfg: Settings) -> None:
     """A compressed MetaImage's zlib stream may inflate to its declared voxels plus the slack only."""
-    f = _fields(lines, "=")
+    f = _fields(sniffed.lines, "=")
     if f.get("compresseddata", "").lower() != "true":
         return
     try:
@@ -860,10 +860,9 @@ def _check_meta_inflation(path: Path, lines: tuple[str, ...], cfg: Settings) -> 
         return  # the reader rejects a header it cannot parse
     declared = int(np.prod(sizes, dtype=np.int64)) * per_value * channels
     cap = _inflate_cap(declared, cfg)
-    offset = sum(len(line.encode("latin-1")) + 1 for line in lines)  # the data follows the header's last "\n"
     inflater, out = zlib.decompressobj(), 0
     with open(path, "rb") as fh:
-        fh.seek(offset)
+        fh.seek(sniffed.data_offset)
         while out <= cap and (chunk := fh.read(1 << 16)):
             try:
                 out += len(inflater.decompress(chunk, cap + 1 - out))
@@ -874,8 +873,9 @@ def _check_meta_inflation(path: Path, lines: tuple[str, ...], cfg: Settings) -> 
             if inflater.eof:
                 break
     if out > cap:
-        raise DecompressionBombError(path, f"its zlib data inflates to more than {_mib(cap)} although its header "
-                                           f"declares {_mib(declared)} of voxels; refused without inflating the rest")
+        raise DecompressionBombError(path, f"has zlib data that inflates to more than {_mib(cap)} although its "
+                                           f"header declares {_mib(declared)} of voxels; refused without inflating "
+                                           "the rest")
 
 
 def _decode_cost(n_values: int, bytes_per_value: int) -> int:
@@ -979,7 +979,7 @@ class _Guard:
 
     def check_data(self, path: Path) -> None:
         if self.sniffed is not None and self.sniffed.fmt == "meta":
-            _check_meta_inflation(path, self.sniffed.lines, self.cfg)
+            _check_meta_inflation(path, self.sniffed, self.cfg)
 
     def reserve(self, path: Path, cost: int):
         return self.budget.reserve(cost, timeout=self.cfg.untrusted_budget_wait_s, path=path)
@@ -987,7 +987,8 @@ class _Guard:
     @staticmethod
     def check_geometry(path: Path, img: sitk.Image) -> None:
         spacing, origin, direction = img.GetSpacing(), img.GetOrigin(), img.GetDirection()
-        _check_geometry_values(path, "geometry", list(spacing), {"origin": list(origin), "direction": list(direction)})
+        _check_geometry_values(path, "image geometry", list(spacing),
+                               {"origin": list(origin), "direction": list(direction)})
         d = int(round(math.sqrt(len(direction))))
         if abs(np.linalg.det(np.asarray(direction).reshape(d, d))) < 1e-6:
             raise GeometryError(path, f"has a singular direction matrix {tuple(direction)}")
