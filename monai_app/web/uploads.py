@@ -112,7 +112,8 @@ async def read_params(request: Request, settings: Settings | None = None) -> tup
 
 async def _read_capped(request: Request, limit: int, limit_kb: int) -> bytes:
     """The request body, refused with 413 as soon as it passes ``limit`` bytes (never buffered further)."""
-    too_large = f"parameter body is larger than the {limit_kb} KiB limit (files go in a multipart form)"
+    too_large = (f"parameter body is larger than the {limit_kb} KiB limit on parameters (files go in a multipart "
+                 "form, within the upload limit)")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise ApiError(413, too_large)
