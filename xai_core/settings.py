@@ -96,6 +96,31 @@ class Settings(BaseSettings):
     max_params_kb: int = Field(1024, description="largest JSON parameter body or 'params' form field, KiB")
     max_params_depth: int = Field(32, description="deepest nesting of arrays/objects in JSON parameters")
 
+    # Faithfulness and sanity (issue 15): xai_core.faithfulness, xai_core.sanity, xai_core.engines.
+    # Deletion / insertion curves work on the model grid: it is split into cubes (squares in 2-D) of
+    # faithfulness_patch_mm, ranked by their mean saliency; each of faithfulness_steps steps removes
+    # (or restores) the next 1/steps of the cubes that hold foreground, and only their foreground voxels
+    # are filled. 12 mm is 4 voxels at 3 mm, the size of one CAM cell at the default CAM layer: smaller
+    # cubes rank interpolation artefacts, larger ones mix lesion and healthy tissue.
+    faithfulness_patch_mm: float = Field(12.0, description="side of a removed cube (square in 2-D), mm")
+    faithfulness_steps: int = Field(20, description="curve points after the unperturbed start (each step "
+                                                    "removes 1/steps of the foreground cubes)")
+    faithfulness_fill: str = Field("blur", description="what a removed cube holds: 'blur', 'mean', 'template' "
+                                                       "(registered MNI152) or a registered in-filler ('mae')")
+    faithfulness_blur_mm: float = Field(12.0, description="Gaussian sigma of the 'blur' fill, mm")
+    faithfulness_batch: int = Field(8, description="perturbed inputs per forward pass")
+    faithfulness_foreground: float = Field(0.1, description="model-grid voxels with normalised intensity above "
+                                                            "this are foreground (the brain rule of the pipeline)")
+    sanity_seed: int = Field(0, description="seed of the re-initialised layers in the randomisation cascade")
+    sanity_max_rank_correlation: float = Field(0.5, description="a map whose Spearman rank correlation with the "
+                                                                "original stays at or above this after the whole "
+                                                                "model is randomised fails the sanity check")
+    sanity_verdicts: Path = Field(REPO_ROOT / "runs" / "sanity" / "verdicts.json",
+                                  description="per-method sanity verdicts (xai sanity writes them); findings of "
+                                              "a method that failed carry a quality flag")
+    ray_cpus_per_worker: float = Field(1.0, description="CPUs one Ray worker (one model) asks for")
+    ray_gpus_per_worker: float = Field(1.0, description="GPUs one Ray worker asks for when the cluster has GPUs")
+
 
 def get_settings() -> Settings:
     """Settings from the environment as it is now (not cached: pass the object down instead of
