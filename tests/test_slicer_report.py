@@ -1,102 +1,219 @@
-"""XAIExplain text builders: segment names from findings, summaries, answers, label provenance."""
+"""XAIExplain text from a reply of the result schema: validator, segment names, findings table, flags,
+counterfactual, report Markdown, label parameters.
+
+The replies are the module's own sample (``selftest.sample_result``) checked here with the project's
+pydantic models (``xai_core.schema``), so that every case is a reply the server could send.
+"""
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
 import pytest
 
+from xai_core.schema import ExplanationResult
+
 MODULE_DIR = Path(__file__).resolve().parents[1] / "slicer_extension" / "XAIExplain"
 sys.path.insert(0, str(MODULE_DIR))
 
-from XAIExplainLib import report  # noqa: E402
+from XAIExplainLib import report, schema  # noqa: E402
+from XAIExplainLib.selftest import sample_result  # noqa: E402
 
-RESULT = {
-    "result_id": "r1",
-    "method": "gradcam++",
-    "targets": ["glioma"],
-    "params": {"target": "predicted"},
-    "prediction": {"label": "glioma", "probabilities": {"healthy": 0.05, "glioma": 0.9, "metastasis": 0.05}},
-    "mask": {"empty": False, "volume_ml": 12.345, "fraction_of_brain": 0.0321, "components": 2,
-             "levels_percent": [1.0, 5.0, 10.0, 20.0]},
-    "model": {"name": "brain-lesion-3d", "version": "1.0.0"},
-}
+GEOMETRY = {"size": [12, 14, 16], "spacing": [0.9, 1.3, 2.2], "origin": [1.0, 2.0, 3.0],
+            "direction": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]}
 
 
-@pytest.mark.parametrize("value,expected", [
-    ("Left_Insular_Cortex", ["Left Insular Cortex"]),
-    (["A_b", "C"], ["A b", "C"]),
-    ([{"name": "small", "fraction": 0.1}, {"region": "big", "fraction": 0.8}], ["big", "small"]),
-    ({"x": 0.2, "y": 0.7}, ["y", "x"]),
-    ({"label": "one"}, ["one"]),
-    (None, []),
-    (42, []),
-])
-def test_region_names_accepts_the_documented_shapes(value, expected):
-    assert report.region_names(value) == expected
+@pytest.fixture
+def result() -> dict:
+    r = sample_result(GEOMETRY)
+    ExplanationResult.model_validate(r)  # a reply the server could send
+    return r
 
 
-def test_level_names_from_percent_and_findings():
-    with_findings = {**RESULT, "findings": [{"level": 3, "regions": ["Right_Putamen"]},
-                                            {"percent": 1.0, "anatomy": {"Left_Thalamus": 0.9, "Brain_Stem": 0.1}}]}
-    assert report.level_segment_names(with_findings, 4) == [
-        "Saliency top 20 %", "Saliency top 10 %", "Saliency top 5 % – Right Putamen",
-        "Saliency top 1 % – Left Thalamus, Brain Stem"]
-    # Without percentages (or with a count that does not match) the levels are numbered.
-    assert report.level_segment_names({}, 2) == ["Saliency level 1", "Saliency level 2"]
-    assert report.level_segment_names(RESULT, 3) == ["Saliency level 1", "Saliency level 2", "Saliency level 3"]
+@pytest.fixture
+def bare() -> dict:
+    """The same request without ``report: true``: no findings, no report."""
+    r = sample_result(GEOMETRY, with_findings=False)
+    ExplanationResult.model_validate(r)
+    assert r["findings"] is None and r["report"] is None
+    return r
 
 
-def test_mask_name_with_fraction_and_anatomy():
-    assert report.mask_segment_name(RESULT) == "Saliency mask (3.2 % of brain)"
-    assert report.mask_segment_name({"anatomy": ["Left_Caudate"]}) == "Saliency mask – Left Caudate"
-    named = {**RESULT, "findings": {"mask": {"anatomy": [{"name": "A", "fraction": 0.1},
-                                                         {"name": "B", "fraction": 0.5}, {"name": "C"}]}}}
-    assert report.mask_segment_name(named) == "Saliency mask (3.2 % of brain) – B, A"
+# ------------------------------------------------------------------------------------ validator
+
+def test_valid_replies_pass_the_check(result, bare):
+    assert schema.check_reply(result) == [] and schema.check_reply(bare) == []
+    assert report.check(result) is result
 
 
-def test_summary_text_lists_prediction_probabilities_mask_findings_report():
-    result = {**RESULT, "findings": [{"region": "Left_Insula", "fraction": 0.61234, "level": 4},
-                                     {"region": "Left_Putamen", "fraction": 0.2}],
-              "report": {"text": "Saliency concentrates in the left insula."}}
+def test_check_names_every_missing_required_field_and_wrong_type(result):
+    del result["mask"]["levels_percent"]
+    del result["prediction"]
+    result["method"] = 7
+    result["findings"]["levels"][1]["hemisphere"] = "up"
+    del result["findings"]["location"]["structures"][1]["label"]
+    problems = schema.check_reply(result)
+    assert "mask.levels_percent is missing" in problems
+    assert "prediction is missing" in problems
+    assert "method should be string, not an integer 7" in problems
+    assert ("findings.levels[1].hemisphere should be one of 'left', 'right', 'bilateral', 'none', not a string "
+            '"up"') in problems
+    assert "findings.location.structures[1].label is missing" in problems
+    assert len(problems) == 5, problems
+    with pytest.raises(schema.ReplyError, match=r"does not follow the result schema 2\.0.*mask\.levels_percent "
+                                                r"is missing") as e:
+        report.check(result)
+    assert e.value.problems == problems
+
+
+def test_check_reads_item_and_value_types(result):
+    result["prediction"]["probabilities"]["glioma"] = "high"
+    result["mask"]["levels_percent"] = [20.0, "10"]
+    result["findings"]["quality_flags"] = {"code": "x"}
+    assert schema.check_reply(result) == [
+        'prediction.probabilities should be an object of number, not an object {"none": 0.05, "glioma": "high", '
+        '"mening...',
+        'mask.levels_percent should be an array of number, not an array [20.0, "10"]',
+        'findings.quality_flags should be an array of object, not an object {"code": "x"}']
+
+
+def test_optional_fields_may_be_absent_or_null_and_unknown_fields_are_ignored(bare, result):
+    for key in ("findings", "report", "result_id", "task", "artifacts"):
+        bare.pop(key)
+    bare["a_field_from_a_newer_server"] = {"anything": 1}
+    result["findings"]["location"]["structures"][0]["code"] = {"scheme": "SCT", "value": "36813005"}
+    result["findings"]["counterfactual"]["sentence"] = None
+    assert schema.check_reply(bare) == [] and schema.check_reply(result) == []
+
+
+def test_another_major_schema_version_is_refused(result):
+    result["schema_version"] = "3.0"
+    assert schema.check_reply(result) == ["schema_version is 3.0, the module reads 2.0"]
+    result["schema_version"] = "2.7"
+    assert schema.check_reply(result) == []
+    assert schema.check_reply([1]) == ["the reply is an array [1], not a JSON object"]
+
+
+def test_reading_a_path_outside_reads_is_a_programming_error(result):
+    with pytest.raises(KeyError, match="not in schema.READS"):
+        schema.get(result, "saliency.peak_lps_mm")
+    assert schema.get(result, "findings.location.top_structure") == "Left_Insular_Cortex"
+    assert schema.get({"findings": None}, "findings.location.top_structure", "x") == "x"
+    assert schema.items({"findings": {"levels": None}}, "findings.levels") == []
+
+
+# ------------------------------------------------------------------------------------ names
+
+def test_level_and_mask_segments_are_named_by_percent_and_anatomy(result):
+    assert report.level_segment_names(result, 4) == [
+        "Saliency top 20 % – Left central opercular cortex", "Saliency top 10 %",
+        "Saliency top 5 % – Left insular cortex", "Saliency top 1 % – Left insular cortex"]
+    assert report.mask_segment_name(result) == "Salient region – Left insular cortex"
+
+
+def test_structure_names_come_from_labels_else_from_the_atlas_name(result):
+    assert report.structure_name(result, "Left_Insular_Cortex") == "Left insular cortex"
+    # Not in the mask's structure list (a level's own top structure): underscores become spaces.
+    result["findings"]["levels"][0]["top_structure"] = "Right_Frontal_Pole"
+    assert report.level_segment_names(result, 4)[0] == "Saliency top 20 % – Right Frontal Pole"
+
+
+def test_without_findings_names_carry_the_level_percent_only(bare):
+    assert report.level_segment_names(bare, 4) == ["Saliency top 20 %", "Saliency top 10 %", "Saliency top 5 %",
+                                                   "Saliency top 1 %"]
+    assert report.level_segment_names(bare, 3)[-1] == "Saliency top 5 %"  # the top level was empty
+    assert report.mask_segment_name(bare) == "Salient region (3 % of brain)"
+    bare["mask"].update(empty=True, reason="flat map")
+    assert report.mask_segment_name(bare) == "Salient region (empty)"
+
+
+def test_more_levels_than_percentages_is_a_reply_error(bare):
+    with pytest.raises(schema.ReplyError, match="levels file has 5 levels but mask.levels_percent lists 4"):
+        report.level_segment_names(bare, 5)
+
+
+def test_title(result):
+    assert report.explanation_title(result) == "XAI Grad-CAM++ (glioma)"
+
+
+# ------------------------------------------------------------------------------------ findings
+
+def test_findings_table_lists_structure_lobe_side_volume_and_shares(result, bare):
+    cols, rows = report.findings_table(result)
+    assert cols == ("Structure", "Lobe", "Side", "Volume (ml)", "Share of region", "Share of saliency")
+    assert rows == [["Left insular cortex", "insula", "left", "1.90", "61.0 %", "54.9 %"],
+                    ["Left central opercular cortex", "frontal", "left", "0.80", "25.0 %", "22.5 %"]]
+    result["findings"]["location"]["structures"][1]["saliency_share"] = None
+    assert report.findings_table(result)[1][1][-1] == ""
+    assert report.findings_table(bare) == (cols, [])
+
+
+def test_quality_flags_errors_first_and_counterfactual_sentence(result, bare):
+    result["findings"]["quality_flags"].append({"code": "registration_failed", "severity": "error",
+                                                "message": "registration to MNI152 likely failed"})
+    assert report.quality_flags(result) == [
+        ("error", "registration_failed", "registration to MNI152 likely failed"),
+        ("info", "mostly_unlabelled", "14 % of the region lies outside every atlas structure")]
+    assert report.counterfactual_sentence(result).startswith("In-filling the region with healthy tissue lowers")
+    assert report.quality_flags(bare) == [] and report.counterfactual_sentence(bare) is None
+
+
+def test_summary_text_has_prediction_location_flags_counterfactual_table_report(result):
     text = report.summary_text(result)
     lines = text.splitlines()
-    assert lines[0] == "Method: gradcam++ (target: glioma)"
-    assert lines[1] == "Prediction: glioma (p = 0.900)"
-    assert lines[3].split() == ["glioma", "0.900"]  # most probable first
-    assert "Saliency mask: 12.3 ml, 3.2 % of brain, 2 component(s)" in text
-    assert "  region | fraction | level" in text and "  Left Insula | 0.6123 | 4" in text
-    assert text.endswith("Saliency concentrates in the left insula.\nModel: brain-lesion-3d 1.0.0")
+    assert lines[0] == "Method: Grad-CAM++ (target: glioma)"
+    assert lines[1] == "Prediction: glioma (p = 0.810)"
+    assert lines[3].split() == ["glioma", "0.810"]  # most probable first
+    assert "Saliency mask: 0.312 ml, 3 % of brain, 1 component(s)" in lines
+    assert "Location: left hemisphere, mostly Left insular cortex" in lines
+    assert "Info: 14 % of the region lies outside every atlas structure" in lines
+    assert any(line.startswith("Counterfactual: In-filling the region") for line in lines)
+    assert "  Left insular cortex | insula | left | 1.90 | 61.0 % | 54.9 %" in lines
+    assert "Report:" in lines and "- **Prediction:** glioma (p = 0.81)." in lines
+    assert lines[-1] == "Model: brain-lesion-3d 1.2.0"
 
 
-def test_summary_html_escapes_server_text():
-    result = {**RESULT, "prediction": {"label": "<script>x</script>", "probabilities": {"<b>": 1.0}},
-              "report": "a & b\nc"}
+def test_summary_html_shows_report_as_html_and_escapes_server_text(result, bare):
+    result["prediction"]["label"] = "<script>x</script>"
+    result["prediction"]["probabilities"] = {"<b>": 1.0}
+    result["findings"]["quality_flags"][0]["message"] = "a < b & c"
     out = report.summary_html(result)
     assert "<script>" not in out and "&lt;script&gt;" in out and "&lt;b&gt;" in out
-    assert "a &amp; b<br>c" in out
+    assert "a &lt; b &amp; c" in out and "color:#555555" in out
     assert out.count("&#9608;") == 20  # the probability bar of p = 1
+    assert "<h3>Draft report</h3>" in out and "<li><b>Prediction:</b> glioma (p = 0.81).</li>" in out
+    assert "<td>Left insular cortex</td><td>insula</td><td>left</td>" in out
+    assert "without the report option" in report.summary_html(bare)
 
 
-def test_empty_mask_and_missing_fields_do_not_break_the_text():
-    assert report.summary_text({}) == ""
-    assert "empty (flat map)" in report.summary_text({"mask": {"empty": True, "reason": "flat map"}})
-    assert report.findings_table({"findings": "not a list"}) == ([], [])
+def test_markdown_html_subset():
+    md = ("# Title\n\nSome *soft* and **bold** text\ncontinued with `code`.\n\n- one\n- two <x>\n\n"
+          "| a | b |\n|---|:---:|\n| 1 | **2** |\n\nEnd & done")
+    assert report.markdown_html(md).splitlines() == [
+        "<h3>Title</h3>", "<p>Some <i>soft</i> and <b>bold</b> text continued with <code>code</code>.</p>",
+        "<ul>", "<li>one</li>", "<li>two &lt;x&gt;</li>", "</ul>",
+        "<table border='1' cellspacing='0' cellpadding='2'><tr><th>a</th><th>b</th></tr>",
+        "<tr><td>1</td><td><b>2</b></td></tr>", "</table>", "<p>End &amp; done</p>"]
 
+
+# ------------------------------------------------------------------------------------ answers, labels
 
 def test_answer_text():
     assert report.answer_text({"answer": "Yes, left frontal.", "confidence": 0.834}) == \
         "Yes, left frontal. (confidence 0.83)"
     assert report.answer_text({}) == "The server gave no answer."
-    assert report.answer_html({"answer": {"text": "a<b"}}) == "<p>a&lt;b</p>"
+    assert report.answer_html({"answer": "a<b"}) == "<p>a&lt;b</p>"
 
 
-def test_label_provenance():
-    p = report.label_provenance(RESULT, "gradcampp", ["Saliency mask"], "AB", "XAIExplain 0.1.0")
-    assert p["source"] == "corrected_saliency" and p["method"] == "gradcam++" and p["task"] == "gradcampp"
-    assert p["model"] == "brain-lesion-3d" and p["model_version"] == "1.0.0" and p["result_id"] == "r1"
-    assert p["target"] == "predicted" and p["segments"] == ["Saliency mask"] and p["user"] == "AB"
-    assert p["created"].endswith("+00:00")
-    bare = report.label_provenance(None, None, ["s"], "", "c")
-    assert bare["method"] is None and bare["user"] is None and bare["result_id"] is None
+def test_label_params_send_the_result_id_and_leave_provenance_to_the_server(result):
+    p = report.label_params(result, ["Salient region – Left insular cortex"], "AB")
+    assert p == {"source": "corrected_saliency", "result_id": "selftest",
+                 "segments": ["Salient region – Left insular cortex"], "annotator": "AB"}
+    # Nothing the server stamps from the result id comes from the client.
+    assert not {"method", "model", "model_version", "task", "created", "user"} & set(p)
+    assert report.label_params(None, ["s"], "") == {"source": "manual", "segments": ["s"]}
+    no_id = copy.deepcopy(result)
+    no_id["result_id"] = None
+    assert report.label_params(no_id, [], None) == {"source": "manual", "segments": []}

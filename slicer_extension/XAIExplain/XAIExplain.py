@@ -28,6 +28,8 @@ from XAIExplainLib.jobs import BackgroundCall, ExplanationRun, upload_image
 from XAIExplainLib.scene import XAIScene
 
 SETTINGS_URL_KEY = "XAIExplain/serverUrl"
+#: Parameter node key: ask for findings and report (``"true"``/``"false"``; default true).
+REPORT_PARAMETER = "Report"
 EDITOR_NODE_TAG = "XAIExplainSegmentEditor"
 POLL_MS = 150
 
@@ -110,6 +112,22 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
     def forgetUpload(self, volumeNode):
         self._uploaded.pop(volumeNode.GetID(), None)
 
+    # parameters
+    def setDefaultParameters(self, parameterNode):
+        """Findings and report are on unless the user turned them off (this scene remembers it)."""
+        if not parameterNode.GetParameter(REPORT_PARAMETER):
+            parameterNode.SetParameter(REPORT_PARAMETER, "true")
+
+    @staticmethod
+    def reportRequested(parameterNode):
+        return parameterNode is None or parameterNode.GetParameter(REPORT_PARAMETER) != "false"
+
+    @staticmethod
+    def explanationParams(target, report):
+        """Task parameters of an explanation: ``report`` asks the server for ``findings`` and ``report``
+        (anatomy names for the segments, the findings table, the counterfactual and the drafted text)."""
+        return {"target": target or "predicted", "report": bool(report)}
+
     # explanation
     def startRun(self, volumeNode, task, params, artifacts=None):
         imageId, path = self.prepareUpload(volumeNode)
@@ -119,6 +137,8 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
                               reuse_existing=True, **kwargs).start()
 
     def showResult(self, state, volumeNode, opacity, threshold, name=None, files=None):
+        """Heatmap and segments of a finished run (the reply is checked against the result schema
+        first: a reply the module cannot read raises ReplyError naming every missing field)."""
         files = {k: str(v) for k, v in (files if files is not None else state.files).items()}
         return self.xscene.import_explanation(state.result or {}, files, volumeNode, name=name,
                                               opacity=opacity, threshold=threshold)
@@ -160,6 +180,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.lastTask = None
         self.lastImageId = None
         self.timer = None
+        self.parameterNode = None
+        self._parameterObserver = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -178,6 +200,7 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.askButton.connect("clicked(bool)", self.onAsk)
         self.ui.saveLabelButton.connect("clicked(bool)", self.onSaveLabel)
+        self.ui.reportCheckBox.connect("toggled(bool)", self.onReportToggled)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
@@ -192,13 +215,37 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
         self.updateButtons()
+
+    # ------------------------------------------------------------------ parameter node
+    def initializeParameterNode(self):
+        """The module's state lives in its parameter node (saved with the scene), not in the widget."""
+        node = self.logic.getParameterNode()
+        self.logic.setDefaultParameters(node)
+        if self.parameterNode is not None and self._parameterObserver is not None:
+            self.parameterNode.RemoveObserver(self._parameterObserver)
+        self.parameterNode = node
+        self._parameterObserver = node.AddObserver(vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
+        self.updateGUIFromParameterNode()
+
+    def updateGUIFromParameterNode(self, *unused):
+        wasBlocked = self.ui.reportCheckBox.blockSignals(True)
+        self.ui.reportCheckBox.checked = self.logic.reportRequested(self.parameterNode)
+        self.ui.reportCheckBox.blockSignals(wasBlocked)
+
+    def onReportToggled(self, checked):
+        if self.parameterNode is not None:
+            self.parameterNode.SetParameter(REPORT_PARAMETER, "true" if checked else "false")
 
     def cleanup(self):
         if self.run:
             self.run.cancel()
         if self.timer:
             self.timer.stop()
+        if self.parameterNode is not None and self._parameterObserver is not None:
+            self.parameterNode.RemoveObserver(self._parameterObserver)
+            self.parameterNode = self._parameterObserver = None
         self.removeObservers()
         if self.logic:
             self.logic.cleanup()
@@ -219,6 +266,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.nodes = self.overlayNodes = None
 
     def onSceneEndClose(self, caller, event):
+        # Closing the scene removed the parameter node: make (and observe) a fresh one.
+        self.initializeParameterNode()
         if self.parent.isEntered:
             self.ensureEditorNode()
         self.updateButtons()
@@ -319,7 +368,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         task = self.currentTask()
         if volume is None or not task:
             return
-        params = {"target": self.ui.targetComboBox.currentText or "predicted"}
+        params = self.logic.explanationParams(self.ui.targetComboBox.currentText,
+                                              self.logic.reportRequested(self.parameterNode))
         self.startRun("explain", volume, task, params)
 
     def onAsk(self):
@@ -377,7 +427,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.nodes = self.logic.showResult(state, volume, self.ui.opacitySliderWidget.value,
                                            self.ui.thresholdSliderWidget.value)
         self.lastResult, self.lastImageId = state.result, state.image_id
-        self.ui.resultsTextBrowser.setHtml(report.summary_html(state.result or {}))
+        self.ui.resultsTextBrowser.setHtml(report.summary_html(state.result))
+        self.showFindingsTable(state.result)
         if self.nodes.segmentation is not None:
             editor = self.ui.segmentEditorWidget
             editor.setSegmentationNode(self.nodes.segmentation)
@@ -393,6 +444,19 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.overlayNodes = self.logic.showResult(
                 state, self.runVolume, self.ui.opacitySliderWidget.value, self.ui.thresholdSliderWidget.value,
                 name=f"XAI RE-LIG: {question[:40]}", files={"saliency": state.files["saliency"]})
+
+    def showFindingsTable(self, result):
+        columns, rows = report.findings_table(result)
+        table = self.ui.findingsTableWidget
+        table.clear()
+        table.setColumnCount(len(columns))
+        table.setHorizontalHeaderLabels(list(columns))
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, text in enumerate(row):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+        table.resizeColumnsToContents()
+        table.visible = bool(rows)
 
     # ------------------------------------------------------------------ display
     def shownHeatmaps(self):
@@ -434,15 +498,15 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("label export failed")
             self.ui.saveStatusLabel.text = f"Could not export the label: {e}"
             return
+        # The server stamps the provenance from the result id; a label drawn on another volume has none.
         result = self.lastResult if imageId == self.lastImageId else None
-        provenance = report.label_provenance(result, self.lastTask if result else None, names,
-                                             self.ui.annotatorLineEdit.text.strip(), self.logic.clientDescription())
+        params = report.label_params(result, names, self.ui.annotatorLineEdit.text.strip())
         client = self.logic.client.clone()
 
         def upload():
             if uploadPath is not None:  # the volume changed since the explanation: the label belongs to this one
                 upload_image(client, uploadPath, imageId, reuse_existing=True)
-            return client.upload_label(imageId, labelPath, tag, provenance)
+            return client.upload_label(imageId, labelPath, tag, params)
 
         self.ui.saveStatusLabel.text = f"Saving {', '.join(names)} ..."
         self.startCall(BackgroundCall(upload, "label upload"), lambda call: self.onLabelSaved(call, tag))
@@ -492,7 +556,7 @@ class XAIExplainTest(ScriptedLoadableModuleTest):
     def test_scene_round_trip(self):
         self.delayDisplay("Heatmap, nested level segments, edit, export: oblique geometry")
         summary = self._roundTrip(False)
-        self.assertTrue(summary["segments"][3].startswith("Saliency top 1 %"))
+        self.assertEqual(summary["segments"][3], "Saliency top 1 % – Left insular cortex")
         self.delayDisplay("Test passed")
 
     def test_scene_round_trip_left_handed(self):
@@ -501,8 +565,14 @@ class XAIExplainTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Test passed")
 
     def test_text(self):
-        result = {"method": "gradcam++", "prediction": {"label": "glioma", "probabilities": {"glioma": 0.9,
-                                                                                             "healthy": 0.1}}}
-        self.assertIn("Prediction: glioma (p = 0.900)", report.summary_text(result))
+        from XAIExplainLib.schema import check_reply
+        from XAIExplainLib.selftest import sample_result
+
+        result = sample_result({"size": [4, 4, 4], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+                                "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]})
+        self.assertEqual(check_reply(result), [])
+        self.assertIn("Prediction: glioma (p = 0.810)", report.summary_text(result))
         self.assertIn("<b>Prediction: glioma</b>", report.summary_html(result))
+        self.assertEqual(report.findings_table(result)[1][0][:3], ["Left insular cortex", "insula", "left"])
+        self.assertIn("lowers the probability of glioma", report.summary_html(result))
         self.delayDisplay("Test passed")

@@ -8,6 +8,7 @@ done (VTK/MRML objects are not thread-safe). Nothing here imports Qt or Slicer.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import threading
@@ -19,6 +20,7 @@ from typing import Any
 
 from .client import (
     JobCancelledError,
+    ProtocolError,
     ServerRefusedError,
     XAIClient,
     XAIClientError,
@@ -32,6 +34,9 @@ log = logging.getLogger(__name__)
 TERMINAL = ("done", "failed", "cancelled")
 #: Artifacts the module loads into the scene (others, e.g. the overlay PNG, are left on the server).
 SCENE_ARTIFACTS = ("saliency", "levels", "mask", "result")
+#: Reply fields that are also artifacts (with ``report: true``): downloaded only when the reply
+#: lists them without carrying them.
+TEXT_ARTIFACTS = ("findings", "report")
 
 
 @dataclass
@@ -132,7 +137,7 @@ class ExplanationRun:
             self._check_cancel()
             self._update(status="downloading", stage="downloading results", progress=0.9, result=result)
             files = self._download(result)
-            self._update(status="done", stage="done", progress=1.0, files=files)
+            self._update(status="done", stage="done", progress=1.0, files=files, result=result)
         except JobCancelledError:
             self._update(status="cancelled", stage="cancelled", error=None)
         except XAIClientError as e:
@@ -187,12 +192,22 @@ class ExplanationRun:
             result.setdefault("_files", {})[key] = str(target)
         return result
 
-    def _download(self, result: Mapping[str, Any]) -> dict[str, Path]:
-        files = {k: Path(v) for k, v in (result.get("_files") or {}).items()}
+    def _download(self, result: dict[str, Any]) -> dict[str, Path]:
+        """The scene's files; ``findings`` and ``report`` too when the reply lists them as artifacts
+        but does not carry them (their JSON and Markdown are then put into ``result``)."""
+        files = {k: Path(v) for k, v in (result.pop("_files", None) or {}).items()}
         artifacts = result.get("artifacts") or {}
-        names = [n for n in self.artifacts if n in artifacts]
+        inline = [n for n in TEXT_ARTIFACTS if result.get(n) is None and n in artifacts]
+        names = [n for n in self.artifacts if n in artifacts] + inline
         if names:
             files.update(self.client.download_artifacts(result, self.out_dir, names))
+        if "findings" in inline:
+            try:
+                result["findings"] = json.loads(files["findings"].read_text(encoding="utf-8"))
+            except ValueError as e:
+                raise ProtocolError(f"the findings artifact is not JSON: {e}") from e
+        if "report" in inline:
+            result["report"] = files["report"].read_text(encoding="utf-8")
         return files
 
 

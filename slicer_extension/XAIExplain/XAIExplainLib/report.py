@@ -1,242 +1,207 @@
-"""Text from an explanation result: segment names, prediction, probabilities, findings and report,
-as plain text and as HTML for the module's text browser. Pure Python (no Qt).
+"""Text from an explanation reply: segment names, findings table, warnings, counterfactual, report.
 
-The result JSON is the server's (``docs/http_api.md``). Anatomy is read where the findings put it,
-tolerating the shapes below, because the findings schema is still being settled on the server side:
+Pure Python (no Qt). The reply is the server's ``ExplanationResult`` (``Resources/Schema/xai_result_schema.json``,
+a copy of ``docs/result_schema.json``); with ``report: true`` it carries ``findings`` (atlas anatomy of
+the explanation mask and of each saliency level, counterfactual, quality flags) and ``report``
+(Markdown). Every field is read by its schema path through :mod:`.schema` (nothing else is looked
+for): call :func:`check` (or :func:`.schema.require_reply`) on a reply first, and the functions here
+may rely on the required fields being there.
 
-* ``result["findings"]["levels"]`` or ``result["findings"]`` (a list): entries with ``level`` (1 =
-  widest) or ``percent``, and region names in ``anatomy``, ``regions`` or ``region``;
-* ``result["findings"]["mask"]["anatomy"]`` or ``result["anatomy"]``: regions of the whole mask.
-
-Region names are strings, lists of strings, lists of ``{"name"|"label"|"region": ..., "fraction"|
-"percent"|"overlap": ...}`` (sorted by that share) or ``{name: share}`` objects.
+Without findings (``report`` not requested) the segments are named by level percent only.
 """
 
 from __future__ import annotations
 
 import html
-import math
+import re
 from collections.abc import Mapping, Sequence
-from datetime import UTC
 from typing import Any
 
+from .schema import ReplyError, get, items, require_reply
+
 __all__ = [
+    "FINDINGS_COLUMNS",
     "answer_html",
     "answer_text",
+    "check",
+    "counterfactual_sentence",
+    "explanation_title",
     "findings_table",
-    "label_provenance",
+    "findings_table_html",
+    "label_params",
     "level_segment_names",
+    "location_line",
+    "markdown_html",
     "mask_segment_name",
-    "region_names",
+    "quality_flags",
+    "report_markdown",
+    "structure_name",
     "summary_html",
     "summary_text",
 ]
 
-_NAME_KEYS = ("name", "label", "region", "structure")
-_SHARE_KEYS = ("fraction", "percent", "overlap", "share", "probability")
-_MAX_REGIONS_IN_NAME = 2
+FINDINGS_COLUMNS = ("Structure", "Lobe", "Side", "Volume (ml)", "Share of region", "Share of saliency")
+MASK_SEGMENT = "Salient region"
+LEVEL_SEGMENT = "Saliency top {percent} %"
+_DASH = " – "
 
 
-def _pretty(name: str) -> str:
-    # Atlas labels come as "Left_Superior_Frontal_Gyrus".
-    return " ".join(str(name).replace("_", " ").split())
+def check(result: Any) -> Mapping[str, Any]:
+    """The reply, when it follows the schema in every field read here; else :class:`.schema.ReplyError`."""
+    return require_reply(result, "explanation")
 
 
-def _share(d: Mapping[str, Any]) -> float:
-    for k in _SHARE_KEYS:
-        v = d.get(k)
-        if isinstance(v, int | float) and math.isfinite(v):
-            return float(v)
-    return 0.0
+# --------------------------------------------------------------------------------- names
+
+def _sentence_case(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
-def region_names(value: Any) -> list[str]:
-    """Region names, largest share first, from any of the shapes the module docstring lists."""
-    if not value:
-        return []
-    if isinstance(value, str):
-        return [_pretty(value)]
-    if isinstance(value, Mapping):
-        if any(k in value for k in _NAME_KEYS):
-            return region_names([value])
-        items = [(k, v) for k, v in value.items() if isinstance(v, int | float)]
-        return [_pretty(k) for k, _ in sorted(items, key=lambda kv: -kv[1])]
-    if isinstance(value, Sequence):
-        named = []
-        for i, item in enumerate(value):
-            if isinstance(item, str):
-                named.append((0.0, i, _pretty(item)))
-            elif isinstance(item, Mapping):
-                n = next((item[k] for k in _NAME_KEYS if item.get(k)), None)
-                if n:
-                    named.append((-_share(item), i, _pretty(str(n))))
-        return [n for _, _, n in sorted(named)]
-    return []
-
-
-def _entry_regions(entry: Mapping[str, Any]) -> list[str]:
-    for k in ("anatomy", "regions", "region"):
-        if entry.get(k):
-            return region_names(entry[k])
-    return []
-
-
-def _level_entries(result: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    f = result.get("findings")
-    if isinstance(f, Mapping):
-        f = f.get("levels")
-    return [e for e in f if isinstance(e, Mapping)] if isinstance(f, list) else []
-
-
-def levels_percent(result: Mapping[str, Any], n_levels: int) -> list[float | None]:
-    """Percent of brain voxels of level 1..n (level 1 = the widest, e.g. top 20 %)."""
-    pct = (result.get("mask") or {}).get("levels_percent") if isinstance(result.get("mask"), Mapping) else None
-    if isinstance(pct, list) and len(pct) == n_levels and all(isinstance(p, int | float) for p in pct):
-        return [float(p) for p in sorted(pct, reverse=True)]
-    return [None] * n_levels
+def structure_name(result: Mapping[str, Any], name: str) -> str:
+    """Readable name of Harvard-Oxford structure ``name``: its ``label`` in the findings' structure
+    list ("left insular cortex"), else the name with spaces; first letter capitalised."""
+    for s in items(result, "findings.location.structures"):
+        if get(s, "findings.location.structures[].name") == name:
+            label = get(s, "findings.location.structures[].label")
+            if label:
+                return _sentence_case(str(label))
+    return _sentence_case(" ".join(str(name).replace("_", " ").split()))
 
 
 def _fmt_pct(p: float) -> str:
-    return f"{p:g}"
-
-
-def _with_regions(base: str, regions: list[str]) -> str:
-    return base + (" – " + ", ".join(regions[:_MAX_REGIONS_IN_NAME]) if regions else "")
+    return f"{float(p):g}"
 
 
 def level_segment_names(result: Mapping[str, Any], n_levels: int) -> list[str]:
-    """Segment names for levels 1..n: "Saliency top 20 %" ... "Saliency top 1 %", with the level's
-    leading anatomy when the findings give it ("Saliency top 1 % – Left Insular Cortex")."""
-    pct = levels_percent(result, n_levels)
-    entries = _level_entries(result)
+    """Segment names of saliency levels 1..n (1 = widest): "Saliency top 20 %" ... "Saliency top 1 %",
+    each followed by the structure holding most of that level when the findings name one
+    ("Saliency top 5 % – Left insular cortex")."""
+    percents = get(result, "mask.levels_percent", [])
+    if n_levels > len(percents):
+        raise ReplyError([f"the levels file has {n_levels} levels but mask.levels_percent lists {len(percents)}"])
+    top = {get(e, "findings.levels[].level"): get(e, "findings.levels[].top_structure")
+           for e in items(result, "findings.levels")}
     names = []
     for n in range(1, n_levels + 1):
-        p = pct[n - 1]
-        base = f"Saliency top {_fmt_pct(p)} %" if p is not None else f"Saliency level {n}"
-        regions: list[str] = []
-        for e in entries:
-            ep = e.get("percent")
-            if e.get("level") == n or (p is not None and isinstance(ep, int | float) and abs(ep - p) < 1e-6):
-                regions = _entry_regions(e)
-                break
-        names.append(_with_regions(base, regions))
+        name = LEVEL_SEGMENT.format(percent=_fmt_pct(percents[n - 1]))
+        if top.get(n):
+            name += _DASH + structure_name(result, top[n])
+        names.append(name)
     return names
 
 
 def mask_segment_name(result: Mapping[str, Any]) -> str:
-    """"Saliency mask (3.2 % of brain)", with the mask's leading anatomy when the findings give it."""
-    mask = result.get("mask") if isinstance(result.get("mask"), Mapping) else {}
-    frac = mask.get("fraction_of_brain")
-    base = "Saliency mask" + (f" ({100 * frac:.2g} % of brain)" if isinstance(frac, int | float) else "")
-    f = result.get("findings")
-    regions: list[str] = []
-    if isinstance(f, Mapping) and isinstance(f.get("mask"), Mapping):
-        regions = _entry_regions(f["mask"])
-    if not regions and result.get("anatomy"):
-        regions = region_names(result["anatomy"])
-    return _with_regions(base, regions)
+    """"Salient region – Left central opercular cortex" (the structure holding most of the explanation
+    mask, from the findings), else "Salient region (3.2 % of brain)" or "Salient region (empty)"."""
+    top = get(result, "findings.location.top_structure")
+    if top:
+        return MASK_SEGMENT + _DASH + structure_name(result, top)
+    if get(result, "mask.empty"):
+        return f"{MASK_SEGMENT} (empty)"
+    return f"{MASK_SEGMENT} ({100 * get(result, 'mask.fraction_of_brain', 0.0):.2g} % of brain)"
+
+
+def explanation_title(result: Mapping[str, Any]) -> str:
+    """Node name stem: "XAI Grad-CAM++ (glioma)"."""
+    method = get(result, "method_title") or get(result, "method") or "explanation"
+    targets = get(result, "targets", [])
+    return f"XAI {method}" + (f" ({targets[0]})" if targets else "")
+
+
+# --------------------------------------------------------------------------------- findings
+
+def findings_table(result: Mapping[str, Any]) -> tuple[tuple[str, ...], list[list[str]]]:
+    """:data:`FINDINGS_COLUMNS` and one row per structure of the explanation mask (largest share first,
+    as the findings list them); no rows without findings."""
+    rows = []
+    for s in items(result, "findings.location.structures"):
+        share = get(s, "findings.location.structures[].saliency_share")
+        rows.append([
+            structure_name(result, get(s, "findings.location.structures[].name", "")),
+            str(get(s, "findings.location.structures[].lobe", "")),
+            str(get(s, "findings.location.structures[].hemisphere", "")),
+            f"{get(s, 'findings.location.structures[].volume_ml', 0.0):.2f}",
+            f"{100 * get(s, 'findings.location.structures[].fraction', 0.0):.1f} %",
+            "" if share is None else f"{100 * share:.1f} %",
+        ])
+    return FINDINGS_COLUMNS, rows
+
+
+def quality_flags(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``(severity, code, message)`` of every quality flag of the findings (errors first)."""
+    order = {"error": 0, "warning": 1, "info": 2}
+    flags = [(str(get(q, "findings.quality_flags[].severity", "info")),
+              str(get(q, "findings.quality_flags[].code", "")),
+              str(get(q, "findings.quality_flags[].message", "")))
+             for q in items(result, "findings.quality_flags")]
+    return sorted(flags, key=lambda f: order.get(f[0], 3))
+
+
+def counterfactual_sentence(result: Mapping[str, Any]) -> str | None:
+    """The findings' counterfactual sentence (what in-filling the region did to the prediction)."""
+    sentence = get(result, "findings.counterfactual.sentence")
+    return str(sentence) if sentence else None
+
+
+def location_line(result: Mapping[str, Any]) -> str | None:
+    """"Location: left hemisphere, mostly Left supramarginal gyrus posterior division"."""
+    if get(result, "findings.location") is None:
+        return None
+    side = get(result, "findings.location.hemisphere", "none")
+    top = get(result, "findings.location.top_structure")
+    where = f"mostly {structure_name(result, top)}" if top else "outside every atlas structure"
+    return f"Location: {'no side' if side == 'none' else f'{side} hemisphere'}, {where}"
+
+
+def report_markdown(result: Mapping[str, Any]) -> str | None:
+    """The drafted report (Markdown), when the reply carries one."""
+    rep = get(result, "report")
+    return str(rep) if rep else None
 
 
 # --------------------------------------------------------------------------------- summaries
 
 def _probabilities(result: Mapping[str, Any]) -> list[tuple[str, float]]:
-    pred = result.get("prediction") if isinstance(result.get("prediction"), Mapping) else {}
-    probs = pred.get("probabilities") or {}
-    if not isinstance(probs, Mapping):
-        return []
-    return sorted(((str(k), float(v)) for k, v in probs.items() if isinstance(v, int | float)), key=lambda kv: -kv[1])
+    probs = get(result, "prediction.probabilities", {})
+    return sorted(((str(k), float(v)) for k, v in probs.items()), key=lambda kv: -kv[1])
 
 
-def _prediction(result: Mapping[str, Any]) -> tuple[str | None, float | None]:
-    pred = result.get("prediction") if isinstance(result.get("prediction"), Mapping) else {}
-    label = pred.get("label")
-    probs = dict(_probabilities(result))
-    return (str(label) if label is not None else None), probs.get(str(label)) if label is not None else None
+def _mask_line(result: Mapping[str, Any]) -> str:
+    if get(result, "mask.empty"):
+        return f"Saliency mask: empty ({get(result, 'mask.reason') or 'no reason given'})"
+    return (f"Saliency mask: {get(result, 'mask.volume_ml', 0.0):.3g} ml, "
+            f"{100 * get(result, 'mask.fraction_of_brain', 0.0):.2g} % of brain, "
+            f"{get(result, 'mask.components', 0)} component(s)")
 
 
-def findings_table(result: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Columns and rows of the findings (a list of objects, or ``findings["items"|"regions"|"levels"]``).
-
-    Columns are the union of the entries' scalar fields in first-seen order; lists of regions are
-    shown as names."""
-    f = result.get("findings")
-    if isinstance(f, Mapping):
-        f = next((f[k] for k in ("items", "regions", "levels", "components") if isinstance(f.get(k), list)), None)
-    if not isinstance(f, list):
-        return [], []
-    entries = [e for e in f if isinstance(e, Mapping)]
-    cols: list[str] = []
-    for e in entries:
-        for k, v in e.items():
-            if k not in cols and (isinstance(v, str | int | float | bool) or v is None or isinstance(v, list)):
-                cols.append(k)
-    rows = []
-    for e in entries:
-        row = []
-        for c in cols:
-            v = e.get(c)
-            if isinstance(v, list):
-                v = ", ".join(region_names(v)) or ", ".join(str(x) for x in v)
-            elif isinstance(v, str) and c in (*_NAME_KEYS, "anatomy", "regions"):
-                v = _pretty(v)
-            elif isinstance(v, float):
-                v = f"{v:.4g}"
-            row.append("" if v is None else str(v))
-        rows.append(row)
-    return cols, rows
-
-
-def _report_text(result: Mapping[str, Any]) -> str | None:
-    rep = result.get("report")
-    if isinstance(rep, Mapping):
-        rep = rep.get("text") or rep.get("markdown") or rep.get("summary")
-    return str(rep) if rep else None
-
-
-def _mask_line(result: Mapping[str, Any]) -> str | None:
-    m = result.get("mask") if isinstance(result.get("mask"), Mapping) else None
-    if not m:
-        return None
-    if m.get("empty"):
-        return f"Saliency mask: empty ({m.get('reason') or 'no reason given'})"
-    parts = []
-    if isinstance(m.get("volume_ml"), int | float):
-        parts.append(f"{m['volume_ml']:.3g} ml")
-    if isinstance(m.get("fraction_of_brain"), int | float):
-        parts.append(f"{100 * m['fraction_of_brain']:.2g} % of brain")
-    if isinstance(m.get("components"), int):
-        parts.append(f"{m['components']} component(s)")
-    return "Saliency mask: " + ", ".join(parts) if parts else None
+def _method_line(result: Mapping[str, Any]) -> str:
+    targets = get(result, "targets", [])
+    method = get(result, "method_title") or get(result, "method")
+    return f"Method: {method}" + (f" (target: {', '.join(map(str, targets))})" if targets else "")
 
 
 def summary_text(result: Mapping[str, Any]) -> str:
-    """Plain-text summary: method and target, prediction, probabilities, mask, findings, report."""
-    lines = []
-    method = result.get("method")
-    targets = result.get("targets") or []
-    if method:
-        lines.append(f"Method: {method}" + (f" (target: {', '.join(map(str, targets))})" if targets else ""))
-    label, p = _prediction(result)
-    if label:
-        lines.append(f"Prediction: {label}" + (f" (p = {p:.3f})" if p is not None else ""))
-    probs = _probabilities(result)
-    if probs:
-        lines.append("Probabilities:")
-        lines += [f"  {k:<24} {v:.3f}" for k, v in probs]
-    ml = _mask_line(result)
-    if ml:
-        lines.append(ml)
+    """Plain text: method, prediction, probabilities, mask, location, quality flags, counterfactual,
+    findings table, report, model."""
+    label = get(result, "prediction.label")
+    probs = dict(_probabilities(result))
+    lines = [_method_line(result),
+             f"Prediction: {label}" + (f" (p = {probs[label]:.3f})" if label in probs else ""),
+             "Probabilities:", *[f"  {k:<24} {v:.3f}" for k, v in _probabilities(result)], _mask_line(result)]
+    loc = location_line(result)
+    if loc:
+        lines.append(loc)
+    lines += [f"{sev.capitalize()}: {msg}" for sev, _, msg in quality_flags(result)]
+    cf = counterfactual_sentence(result)
+    if cf:
+        lines.append(f"Counterfactual: {cf}")
     cols, rows = findings_table(result)
     if rows:
-        lines.append("Findings:")
-        lines.append("  " + " | ".join(cols))
-        lines += ["  " + " | ".join(r) for r in rows]
-    rep = _report_text(result)
+        lines += ["Findings:", "  " + " | ".join(cols), *["  " + " | ".join(r) for r in rows]]
+    rep = report_markdown(result)
     if rep:
-        lines += ["Report:", rep]
-    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
-    if model.get("name"):
-        lines.append(f"Model: {model['name']} {model.get('version') or ''}".rstrip())
+        lines += ["Report:", rep.rstrip()]
+    lines.append(f"Model: {get(result, 'model.name', '?')} {get(result, 'model.version', '')}".rstrip())
     return "\n".join(lines)
 
 
@@ -244,75 +209,151 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def summary_html(result: Mapping[str, Any]) -> str:
-    """The same summary as HTML (Qt rich text subset: tables, bold, no scripts or CSS files)."""
-    out = []
-    method = result.get("method")
-    targets = result.get("targets") or []
-    label, p = _prediction(result)
-    if label:
-        out.append(f"<p><b>Prediction: {_e(label)}</b>" + (f" (p = {p:.3f})" if p is not None else "") + "</p>")
-    if method:
-        out.append(f"<p>Method: {_e(method)}" + (f", target: {_e(', '.join(map(str, targets)))}" if targets else "")
-                   + "</p>")
-    probs = _probabilities(result)
-    if probs:
-        out.append("<table cellspacing='2'><tr><th align='left'>class</th><th align='right'>p</th><th></th></tr>")
-        for k, v in probs:
-            bar = "&#9608;" * max(0, round(20 * v))  # a text bar: renders in any Qt text widget
-            out.append(f"<tr><td>{_e(k)}</td><td align='right'>{v:.3f}</td><td>{bar}</td></tr>")
-        out.append("</table>")
-    ml = _mask_line(result)
-    if ml:
-        out.append(f"<p>{_e(ml)}</p>")
+_FLAG_COLOUR = {"error": "#c0392b", "warning": "#d35400", "info": "#555555"}
+
+
+def findings_table_html(result: Mapping[str, Any]) -> str:
     cols, rows = findings_table(result)
-    if rows:
-        out.append("<p><b>Findings</b></p><table border='1' cellspacing='0' cellpadding='2'><tr>"
-                   + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>")
-        out += ["<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows]
-        out.append("</table>")
-    rep = _report_text(result)
+    if not rows:
+        return ""
+    return ("<table border='1' cellspacing='0' cellpadding='2'><tr>" + "".join(f"<th>{_e(c)}</th>" for c in cols)
+            + "</tr>" + "".join("<tr>" + "".join(f"<td>{_e(v)}</td>" for v in r) + "</tr>" for r in rows)
+            + "</table>")
+
+
+def summary_html(result: Mapping[str, Any]) -> str:
+    """The summary as HTML (Qt's rich-text subset: tables, bold, colour; no scripts, no CSS files).
+    Server text is escaped everywhere; the report's Markdown goes through :func:`markdown_html`."""
+    label = get(result, "prediction.label")
+    probs = _probabilities(result)
+    p = dict(probs).get(label)
+    out = [f"<p><b>Prediction: {_e(label)}</b>" + (f" (p = {p:.3f})" if p is not None else "") + "</p>",
+           f"<p>{_e(_method_line(result))}</p>",
+           "<table cellspacing='2'><tr><th align='left'>class</th><th align='right'>p</th><th></th></tr>"]
+    for k, v in probs:
+        bar = "&#9608;" * max(0, round(20 * v))  # a text bar: renders in any Qt text widget
+        out.append(f"<tr><td>{_e(k)}</td><td align='right'>{v:.3f}</td><td>{bar}</td></tr>")
+    out.append("</table>")
+    out.append(f"<p>{_e(_mask_line(result))}</p>")
+    loc = location_line(result)
+    if loc:
+        out.append(f"<p>{_e(loc)}</p>")
+    for sev, code, msg in quality_flags(result):
+        out.append(f"<p style='color:{_FLAG_COLOUR.get(sev, '#555555')}'><b>{_e(sev.capitalize())}</b> "
+                   f"({_e(code)}): {_e(msg)}</p>")
+    cf = counterfactual_sentence(result)
+    if cf:
+        out.append(f"<p><b>Counterfactual:</b> {_e(cf)}</p>")
+    table = findings_table_html(result)
+    if table:
+        out += ["<p><b>Findings</b></p>", table]
+    rep = report_markdown(result)
     if rep:
-        out.append("<p><b>Report</b></p><p>" + _e(rep).replace("\n", "<br>") + "</p>")
-    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
-    if model.get("name"):
-        out.append(f"<p><small>Model: {_e(model['name'])} {_e(model.get('version') or '')}</small></p>")
+        out.append(markdown_html(rep))
+    elif get(result, "findings") is None:
+        out.append("<p><i>No findings or report: the explanation was run without the report option.</i></p>")
+    out.append(f"<p><small>Model: {_e(get(result, 'model.name', '?'))} {_e(get(result, 'model.version', ''))}"
+               "</small></p>")
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------- Markdown
+
+_BOLD = re.compile(r"\*\*(.+?)\*\*")
+_ITALIC = re.compile(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])")
+_CODE = re.compile(r"`([^`]+)`")
+_TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}:?\s*(\|\s*:?-{3,}:?\s*)*\|?$")
+
+
+def _inline(text: str) -> str:
+    out = _e(text)
+    out = _CODE.sub(r"<code>\1</code>", out)
+    out = _BOLD.sub(r"<b>\1</b>", out)
+    return _ITALIC.sub(r"<i>\1</i>", out)
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def markdown_html(md: str) -> str:
+    """The report's Markdown as Qt rich text: headings, paragraphs, ``-``/``*`` lists, pipe tables,
+    ``**bold**``, ``*italic*`` and ```code```. Everything else stays text (escaped: the server's text
+    never becomes markup)."""
+    out: list[str] = []
+    para: list[str] = []
+    lines = md.splitlines()
+    i = 0
+
+    def flush() -> None:
+        if para:
+            out.append("<p>" + " ".join(_inline(x) for x in para) + "</p>")
+            para.clear()
+
+    while i < len(lines):
+        line = lines[i].rstrip()
+        stripped = line.strip()
+        heading = re.match(r"^(#{1,6})\s+(.*)$", stripped)
+        if not stripped:
+            flush()
+        elif heading:
+            flush()
+            level = min(len(heading.group(1)) + 2, 6)  # h3..h6: the panel is narrow
+            out.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif re.match(r"^[-*]\s+", stripped):
+            flush()
+            out.append("<ul>")
+            while i < len(lines) and re.match(r"^\s*[-*]\s+", lines[i]):
+                out.append("<li>" + _inline(re.sub(r"^\s*[-*]\s+", "", lines[i]).strip()) + "</li>")
+                i += 1
+            out.append("</ul>")
+            continue
+        elif stripped.startswith("|") and i + 1 < len(lines) and _TABLE_RULE.match(lines[i + 1].strip()):
+            flush()
+            out.append("<table border='1' cellspacing='0' cellpadding='2'><tr>"
+                       + "".join(f"<th>{_inline(c)}</th>" for c in _cells(stripped)) + "</tr>")
+            i += 2
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                out.append("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in _cells(lines[i])) + "</tr>")
+                i += 1
+            out.append("</table>")
+            continue
+        else:
+            para.append(stripped)
+        i += 1
+    flush()
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------- questions, labels
+
 def answer_text(result: Mapping[str, Any]) -> str:
-    """The answer of a question (``vqa`` task): ``answer`` plus its ``confidence`` when given."""
+    """The answer of a question (a ``vqa`` task, outside the result schema: no server task serves it
+    yet): the ``answer`` string and its ``confidence`` when given."""
     ans = result.get("answer")
-    if isinstance(ans, Mapping):
-        ans = ans.get("text") or ans.get("answer")
-    if not ans:
+    if not isinstance(ans, str) or not ans:
         return "The server gave no answer."
     conf = result.get("confidence")
-    return str(ans) + (f" (confidence {conf:.2f})" if isinstance(conf, int | float) else "")
+    return ans + (f" (confidence {conf:.2f})" if isinstance(conf, int | float) else "")
 
 
 def answer_html(result: Mapping[str, Any]) -> str:
     return f"<p>{_e(answer_text(result))}</p>"
 
 
-def label_provenance(result: Mapping[str, Any] | None, task: str | None, segment_names: Sequence[str],
-                     user: str | None, client: str, source: str = "corrected_saliency") -> dict[str, Any]:
-    """The ``params`` stored with an uploaded label (docs/http_api.md): where the label came from."""
-    from datetime import datetime
+def label_params(result: Mapping[str, Any] | None, segment_names: Sequence[str], annotator: str | None) -> dict:
+    """The ``params`` sent with a label (``PUT /datastore/label``).
 
-    result = result or {}
-    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
-    params = result.get("params") if isinstance(result.get("params"), Mapping) else {}
-    return {
-        "source": source,
-        "method": result.get("method"),
-        "task": task,
-        "target": params.get("target") or (result.get("targets") or [None])[0],
-        "model": model.get("name"),
-        "model_version": model.get("version"),
-        "result_id": result.get("result_id"),
-        "segments": list(segment_names),
-        "user": user or None,
-        "client": client,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
+    Provenance is the server's: it stamps method, model and version, task and time from the
+    ``result_id`` of the explanation the label corrects, and the user from its authentication. The
+    module sends only that id, whether the label is a corrected saliency region (``source``), which
+    segments it holds, and the name typed into *Corrected by* (``annotator``, the client's word,
+    kept apart from the server's ``user``).
+    """
+    rid = get(result, "result_id") if result else None
+    params: dict[str, Any] = {"source": "corrected_saliency" if rid else "manual", "segments": list(segment_names)}
+    if rid:
+        params["result_id"] = str(rid)
+    if annotator:
+        params["annotator"] = annotator
+    return params

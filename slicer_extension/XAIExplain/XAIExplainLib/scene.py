@@ -29,13 +29,14 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .report import level_segment_names, mask_segment_name
+from .report import check, explanation_title, level_segment_names, mask_segment_name
 
 __all__ = [
     "HEAT_COLOR_NODE_NAME",
     "ExplanationNodes",
     "XAIScene",
     "heat_rgb",
+    "level_rgb",
     "lps_to_ras",
     "ras_from_lps_geometry",
 ]
@@ -56,6 +57,13 @@ def heat_rgb(t: float) -> tuple[float, float, float]:
     i = min(int(t), len(_HEAT_STOPS) - 2)
     c = _HEAT_STOPS[i] + (t - i) * (_HEAT_STOPS[i + 1] - _HEAT_STOPS[i])
     return float(c[0]), float(c[1]), float(c[2])
+
+
+def level_rgb(level: int, n_levels: int) -> tuple[float, float, float]:
+    """Colour of saliency level ``level`` of ``n_levels`` (1 = widest): along the heat ramp from dark
+    red (least salient) to yellow (most salient), so the outlines read like the heatmap under them.
+    The ramp starts at 0.3, not 0: the darkest heat colours vanish over a dark image."""
+    return heat_rgb(0.3 + 0.7 * level / max(n_levels, 1))
 
 
 def lps_to_ras(affine_lps: np.ndarray) -> np.ndarray:
@@ -308,30 +316,36 @@ class XAIScene:
 
         ``files`` maps artifact names to local paths: ``saliency`` (float 0..1) becomes the heatmap
         layer; ``levels`` (uint8, nested, highest = most salient) becomes one segment per level
-        (``levels >= n``), ``mask`` (0/1) the editable "Saliency mask" segment. All are checked to lie
-        on ``reference``'s grid (:meth:`conform_to_reference`), so the heatmap and the segments line up
-        with the input voxel for voxel.
+        (``levels >= n``, named by level and anatomy, coloured along the heat ramp), ``mask`` (0/1) the
+        editable "Salient region" segment. ``result`` is the reply (checked against the result schema
+        when segments are made). All files are checked to lie on ``reference``'s grid
+        (:meth:`conform_to_reference`), so the heatmap and the segments line up with the input voxel
+        for voxel.
         """
-        method = str(result.get("method") or "explanation")
-        targets = result.get("targets") or []
-        title = name or f"XAI {method}" + (f" ({targets[0]})" if targets else "")
+        levels = mask = None
+        level_names: list[str] = []
+        if "levels" in files or "mask" in files:
+            # Segment names come from the reply: check it, and read the files, before any node is made,
+            # so that a reply of another schema (or a file off the input grid) fails with what is wrong
+            # instead of leaving half an explanation in the scene.
+            check(result)
+            if "levels" in files:
+                levels = self._load_array(files["levels"], reference, "levels")
+                level_names = level_segment_names(result, int(levels.max()))
+            if "mask" in files:
+                mask = self._load_array(files["mask"], reference, "mask")
+        title = name or explanation_title(result)
         out = ExplanationNodes()
         if "saliency" in files:
             out.heatmap = self.load_volume(files["saliency"], f"{title} saliency")
             self.conform_to_reference(out.heatmap, reference, "saliency")
             self.show_heatmap(out.heatmap, reference, opacity, threshold)
-        if "levels" in files or "mask" in files:
+        if levels is not None or mask is not None:
             out.segmentation = self.new_segmentation(f"{title} segments", reference)
-        if "levels" in files:
-            levels = self._load_array(files["levels"], reference, "levels")
-            n_levels = int(levels.max())
-            names = level_segment_names(result, n_levels)
-            for n in range(1, n_levels + 1):
-                t = 0.3 + 0.7 * n / max(n_levels, 1)  # level 1 (widest) dark red ... top level yellow
-                out.level_segment_ids.append(self.add_binary_segment(
-                    out.segmentation, levels >= n, reference, names[n - 1], heat_rgb(t)))
-        if "mask" in files:
-            mask = self._load_array(files["mask"], reference, "mask")
+        for n, level_name in enumerate(level_names, start=1):
+            out.level_segment_ids.append(self.add_binary_segment(
+                out.segmentation, levels >= n, reference, level_name, level_rgb(n, len(level_names))))
+        if mask is not None:
             out.mask_segment_id = self.add_binary_segment(out.segmentation, mask > 0, reference,
                                                           mask_segment_name(result), MASK_COLOR)
         if out.segmentation is not None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .scene import XAIScene, ras_from_lps_geometry
 
-__all__ = ["LEVELS_PERCENT", "make_server_outputs", "oblique_ijk_to_ras", "run_scene_self_test",
+__all__ = ["LEVELS_PERCENT", "make_server_outputs", "oblique_ijk_to_ras", "run_scene_self_test", "sample_result",
            "synthetic_input"]
 
 LEVELS_PERCENT = [20.0, 10.0, 5.0, 1.0]
@@ -49,9 +49,10 @@ def synthetic_input(shape=(12, 14, 16), seed: int = 0) -> np.ndarray:
     return (head * 800 + rng.integers(0, 60, shape)).astype(np.int16)
 
 
-def make_server_outputs(input_path: str | os.PathLike, out_dir: str | os.PathLike,
-                        peak_kji=(7, 5, 10)) -> tuple[dict[str, Any], dict[str, Path]]:
-    """What the server would return for ``input_path``: files on the input's LPS grid, plus result JSON.
+def make_server_outputs(input_path: str | os.PathLike, out_dir: str | os.PathLike, peak_kji=(7, 5, 10),
+                        with_findings: bool = True) -> tuple[dict[str, Any], dict[str, Path]]:
+    """What the server would return for ``input_path``: files on the input's LPS grid, plus the reply
+    (:func:`sample_result`, with or without findings).
 
     The heatmap is a Gaussian around voxel ``peak_kji``, so its position pins down the voxel order.
     """
@@ -77,20 +78,82 @@ def make_server_outputs(input_path: str | os.PathLike, out_dir: str | os.PathLik
 
     files = {"saliency": write(heat, "saliency.nii.gz"), "levels": write(levels, "levels.nii.gz"),
              "mask": write(mask, "mask.nii.gz")}
-    result = {
-        "result_id": "selftest",
-        "method": "gradcam++",
-        "targets": ["glioma"],
-        "prediction": {"label": "glioma", "probabilities": {"glioma": 0.81, "healthy": 0.12, "metastasis": 0.07}},
-        "mask": {"empty": False, "voxels": int(mask.sum()), "fraction_of_brain": float(mask.mean()),
-                 "levels_percent": LEVELS_PERCENT},
-        "findings": {"levels": [{"level": 4, "anatomy": [{"name": "Left_Insular_Cortex", "fraction": 0.7},
-                                                         {"name": "Left_Putamen", "fraction": 0.2}]}]},
-        "image": {"size": list(img.GetSize()), "spacing": list(img.GetSpacing()),
-                  "origin": list(img.GetOrigin()), "direction": list(img.GetDirection())},
-    }
+    geometry = {"size": list(img.GetSize()), "spacing": list(img.GetSpacing()), "origin": list(img.GetOrigin()),
+                "direction": list(img.GetDirection())}
+    result = sample_result(geometry, voxels=int(mask.sum()), fraction=float(mask.mean()),
+                           with_findings=with_findings)
     (out / "result.json").write_text(json.dumps(result))
     return result, files
+
+
+def _structure(name: str, label: str, lobe: str, side: str, ml: float, fraction: float) -> dict[str, Any]:
+    return {"name": name, "label": label, "lobe": lobe, "hemisphere": side, "volume_ml": ml, "fraction": fraction,
+            "mean_probability": 0.71, "saliency_share": round(fraction * 0.9, 4)}
+
+
+def sample_result(geometry: dict[str, Any], voxels: int = 120, fraction: float = 0.03,
+                  with_findings: bool = True) -> dict[str, Any]:
+    """A complete explanation reply of the result schema (``ExplanationResult``, findings included
+    unless ``with_findings`` is False), as the server sends it for a ``gradcampp`` request with
+    ``report: true``. The tests validate it with the project's pydantic models, so it stays a real reply."""
+    probabilities = {"none": 0.05, "glioma": 0.81, "meningioma": 0.07, "metastasis": 0.07}
+    model = {"name": "brain-lesion-3d", "version": "1.2.0", "weights_sha256": "0" * 64}
+    mask = {"empty": False, "reason": None, "threshold": 0.42, "percentile": 96.8, "voxels": voxels,
+            "volume_ml": round(voxels * 0.0026, 3), "fraction_of_brain": fraction, "components": 1,
+            "levels_percent": LEVELS_PERCENT, "levels_encoding": "nested: level n = top levels_percent[n-1] %"}
+    result: dict[str, Any] = {
+        "schema_version": "2.0", "task": "gradcampp", "image_id": "selftest", "result_id": "selftest",
+        "prediction": {"label": "glioma", "probabilities": probabilities, "calibration": "temperature scaling",
+                       "temperature": 1.0, "logits": [-1.2, 2.1, -0.9, -0.9],
+                       "lesion_volume_ml_segmentation_head": 14.2},
+        "method": "gradcam++", "method_title": "Grad-CAM++", "targets": ["glioma"], "params": {"target": "predicted"},
+        "saliency": {"flat": [False], "peak_index_ijk": [10, 5, 7], "peak_lps_mm": [1.0, 2.0, 3.0],
+                     "display": "minmax", "raw_max": [0.8], "convergence_delta": None, "extras": {}},
+        "mask": mask, "image": geometry, "timings_s": {"explain": 0.5}, "model": model,
+        "software": {"xai_core": "selftest"},
+        "artifacts": {k: f"/xai/results/selftest/{k}.nii.gz" for k in ("saliency", "levels", "mask")},
+        "findings": None, "report": None,
+    }
+    if not with_findings:
+        return result
+    structures = [_structure("Left_Insular_Cortex", "left insular cortex", "insula", "left", 1.9, 0.61),
+                  _structure("Left_Central_Opercular_Cortex", "left central opercular cortex", "frontal", "left",
+                             0.8, 0.25)]
+    level_top = {1: "Left_Central_Opercular_Cortex", 3: "Left_Insular_Cortex", 4: "Left_Insular_Cortex"}
+    result["findings"] = {
+        "schema_version": "1.0",
+        "study": {"size": geometry["size"], "spacing_mm": geometry["spacing"], "origin_lps_mm": geometry["origin"],
+                  "direction": geometry["direction"]},
+        "model": {**model, "classes": list(probabilities)},
+        "prediction": {"label": "glioma", "probabilities": probabilities, "calibration": "temperature scaling",
+                       "temperature": 1.0, "lesion_volume_ml_segmentation_head": 14.2},
+        "explanation": {"method": "gradcam++", "targets": ["glioma"], "params": {"target": "predicted"},
+                        "flat": [False], "peak_lps_mm": [1.0, 2.0, 3.0]},
+        "mask": {k: mask[k] for k in ("empty", "reason", "voxels", "volume_ml", "fraction_of_brain", "components",
+                                      "threshold", "percentile")},
+        "registration": {"kind": "affine", "metric": "mattes", "metric_value": -0.61, "ncc": 0.93, "dice": 0.95,
+                         "det": 1.02, "likely_failed": False, "reason": None, "seconds": 2.1, "stop": "converged"},
+        "location": {"region": "gradcam++ explanation mask of glioma", "structures": structures,
+                     "top_structure": "Left_Insular_Cortex", "lobes": {"insula": 0.61, "frontal": 0.25},
+                     "hemisphere": "left", "left_fraction": 1.0, "crosses_midline": False,
+                     "outside_atlas_fraction": 0.14, "centroid_mni_ras_mm": [-38.0, 4.0, 2.0],
+                     "peak_mni_ras_mm": [-39.0, 5.0, 1.0], "peak_structure": "Left_Insular_Cortex",
+                     "volume_ml": mask["volume_ml"], "components": 1, "notes": []},
+        "counterfactual": {"status": "done", "label_before": "glioma", "p_before": 0.81, "label_after": "none",
+                           "p_after": 0.12, "change": -0.69,
+                           "sentence": "In-filling the region with healthy tissue lowers the probability of "
+                                       "glioma from 0.81 to 0.12."},
+        "levels": [{"level": n, "percent": p, "voxels": 10 * (5 - n), "volume_ml": 0.1 * (5 - n),
+                    "top_structure": level_top.get(n), "hemisphere": "left" if n in level_top else "none",
+                    "structures": [level_top[n]] if n in level_top else []}
+                   for n, p in enumerate(LEVELS_PERCENT, start=1)],
+        "quality_flags": [{"code": "mostly_unlabelled", "severity": "info",
+                           "message": "14 % of the region lies outside every atlas structure"}],
+        "software": {"xai_core": "selftest"},
+    }
+    result["report"] = ("# Draft report\n\n## Findings\n\n- **Prediction:** glioma (p = 0.81).\n\n"
+                        "| structure | lobe |\n|---|---|\n| left insular cortex | insula |\n")
+    return result
 
 
 def _check(cond: bool, message: str) -> None:
@@ -142,6 +205,15 @@ def run_scene_self_test(xs: XAIScene, workdir: str | os.PathLike, left_handed: b
         _check(np.array_equal(got, (levels >= n).astype(np.uint8)), f"level {n} segment differs from levels >= {n}")
     got_mask = xs.segment_array(nodes.segmentation, nodes.mask_segment_id, node)
     _check(np.array_equal(got_mask, mask), "mask segment differs from the server's mask")
+    segmentation = nodes.segmentation.GetSegmentation()
+    names = [segmentation.GetSegment(s).GetName() for s in nodes.level_segment_ids + [nodes.mask_segment_id]]
+    want = ["Saliency top 20 % – Left central opercular cortex", "Saliency top 10 %",
+            "Saliency top 5 % – Left insular cortex", "Saliency top 1 % – Left insular cortex",
+            "Salient region – Left insular cortex"]
+    _check(names == want, f"segment names {names}, expected {want}")
+    # Colour ramp: each level brighter (more salient) than the one around it.
+    brightness = [sum(segmentation.GetSegment(s).GetColor()) for s in nodes.level_segment_ids]
+    _check(brightness == sorted(brightness) and len(set(brightness)) == 4, f"level colours not a ramp: {brightness}")
 
     # 4. Correction: erase the lower half of the slices, paint a block elsewhere (Segment Editor logic).
     erase = np.zeros(volume.shape, np.uint8)
