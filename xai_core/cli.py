@@ -68,7 +68,7 @@ def _cmd_explain(a: argparse.Namespace) -> int:
         print(f"\r[{int(frac * 100):3d}%] {stage:<10}", end="\n" if frac >= 1 else "", file=sys.stderr, flush=True)
 
     settings = Settings()
-    image = read_image(a.image)
+    image = read_image(a.image, untrusted=a.untrusted, settings=settings)
     model = load(a.model, settings=settings)
     exp = explain(image, a.method, target=a.target, model=model, method_kwargs=_method_params(a.param),
                   progress=progress, settings=settings)
@@ -77,11 +77,45 @@ def _cmd_explain(a: argparse.Namespace) -> int:
         from .report import write_report
 
         files.update(write_report(exp, a.out, llm_dir=a.llm))
+    if Path(a.image).is_dir():  # a DICOM series in: SEG and Parametric Map out too (docs/dicom.md)
+        files.update(_dicom_outputs(exp, a.image, a.out, findings=files.get("findings")))
     p = exp.prediction
     print(f"predicted {p.label} (p = {float(p.probabilities.max()):.3f}); mask "
           f"{'empty: ' + str(exp.mask.reason) if exp.mask.empty else str(int(exp.mask.mask.sum())) + ' voxels'}")
     for name, path in files.items():
         print(f"  {name:<20} {path}")
+    return 0
+
+
+def _dicom_outputs(exp, source: str, out: str, findings: Path | None) -> dict[str, Path]:
+    """``mask.seg.dcm``, ``levels.seg.dcm``, ``saliency.pm.dcm``; anatomy from ``findings.json``
+    when ``--report`` wrote one (no extra registration otherwise: the region is then the brain)."""
+    from .export_dicom import write_dicom_outputs
+
+    return write_dicom_outputs(exp, source, out, findings=findings, anatomy=False)
+
+
+def _cmd_export_seg(a: argparse.Namespace) -> int:
+    """A label (the corrected mask from the viewer) on a DICOM series' grid -> DICOM SEG."""
+    import json
+
+    from .export_dicom import export_label
+    from .io import read_image
+
+    result = json.loads(Path(a.result).read_text()) if a.result else {}
+    findings = json.loads(Path(a.findings).read_text()) if a.findings else {}
+    model = result.get("model") or {}
+    method = a.method or result.get("method") or "gradcam++"
+    label_class = a.label_class or (result.get("targets") or ["none"])[0]
+    structure = a.structure or (findings.get("location") or {}).get("top_structure")
+    label = read_image(a.label, dtype=None)
+    path = export_label(label, a.source, a.out, label_class=label_class, method=method,
+                        model=a.model or model.get("name") or "brain-lesion-3d",
+                        model_version=model.get("version") or "unknown",
+                        weights_sha256=model.get("weights_sha256") or "",
+                        structure=structure, corrected=not a.uncorrected,
+                        parameters={"user": a.user} if a.user else None)
+    print(f"wrote {path} ({label_class}, {method}{', ' + structure if structure else ''})")
     return 0
 
 
@@ -184,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="explanation method (it must fit the model's kind)")
     ex.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="method parameter, e.g. --param n_samples=4 --param layer=down1 (repeatable)")
+    ex.add_argument("--untrusted", action="store_true",
+                    help="read the image as the server reads uploads: no detached data files, no non-image "
+                         "DICOM, finite positive spacing, memory budget (docs/security.md)")
     ex.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
     ex.add_argument("--out", required=True, help="output folder")
     ex.add_argument("--report", action="store_true", help="also write findings.json and report.md")
@@ -191,6 +228,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local causal language model folder drafts the report's impression, guarded "
                          "against the findings (implies --report)")
     ex.set_defaults(func=_cmd_explain)
+
+    es = sub.add_parser("export-seg", help="a label on a DICOM series' grid as DICOM SEG (docs/dicom.md)")
+    es.add_argument("label", help="label file (NIfTI/NRRD) on the series' grid, e.g. the corrected mask")
+    es.add_argument("--source", required=True, help="the DICOM series folder the label was drawn on")
+    es.add_argument("--out", required=True, help="the SEG file to write, e.g. label.seg.dcm")
+    es.add_argument("--result", default=None, help="result.json of the explanation: method, class and model")
+    es.add_argument("--findings", default=None, help="findings.json: the top structure codes the anatomy")
+    es.add_argument("--method", default=None, help="explanation method (default: from --result, else gradcam++)")
+    es.add_argument("--label-class", default=None,
+                    help="class the label shows, e.g. glioma (default: from --result, else none)")
+    es.add_argument("--structure", default=None, help="Harvard-Oxford structure, e.g. Left_Thalamus")
+    es.add_argument("--model", default=None, help="model name (default: from --result)")
+    es.add_argument("--user", default=None, help="who corrected the label (recorded as a parameter)")
+    es.add_argument("--uncorrected", action="store_true", help="the model's own mask, not a reader's correction")
+    es.set_defaults(func=_cmd_export_seg)
 
     ev = sub.add_parser("evaluate", help="score methods against ground-truth masks")
     ev.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "scorecam"], choices=available_methods())

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .settings import Settings
 
-__all__ = ["SCHEMA_VERSION", "Findings", "QualityFlag", "build_findings", "findings_json_schema", "quality_flags"]
+__all__ = ["SCHEMA_VERSION", "Findings", "LevelLabel", "QualityFlag", "build_findings", "findings_json_schema",
+           "level_labels", "quality_flags"]
 
 SCHEMA_VERSION = "1.0"
 
@@ -121,6 +122,18 @@ class LocationInfo(_Model):
     notes: list[str]
 
 
+class LevelLabel(_Model):
+    """Anatomy of one nested saliency level (the viewer names its segment from it)."""
+
+    level: int = Field(description="1 = widest (top p_1 %), highest = most salient")
+    percent: float = Field(description="top-p % of brain voxels")
+    voxels: int
+    volume_ml: float
+    top_structure: str | None = Field(description="Harvard-Oxford structure holding the largest share")
+    hemisphere: Literal["left", "right", "bilateral", "none"]
+    structures: list[str] = Field(description="up to three structures, largest share first")
+
+
 class CounterfactualInfo(_Model):
     status: Literal["done", "skipped"]
     reason: str | None = None
@@ -159,6 +172,7 @@ class Findings(_Model):
     registration: RegistrationInfo | None
     location: LocationInfo | None
     counterfactual: CounterfactualInfo
+    levels: list[LevelLabel] = Field(default_factory=list, description="anatomy of each saliency level")
     quality_flags: list[QualityFlag]
     software: dict[str, str]
 
@@ -202,8 +216,26 @@ def quality_flags(f: Findings) -> list[QualityFlag]:
     return flags
 
 
+def level_labels(exp, registration, settings: Settings | None = None) -> list[LevelLabel]:
+    """Atlas labels of each nested saliency level of ``exp`` (``exp.mask.levels``), widest first."""
+    from .atlas import label_region
+
+    percents = sorted(exp.mask.level_thresholds, reverse=True)
+    voxel_ml = float(np.prod(exp.image.spacing)) / 1000.0
+    out = []
+    for n, pct in enumerate(percents, start=1):
+        region = exp.mask.levels >= n
+        if not region.any():
+            continue
+        lab = label_region(exp.image.with_array(region.astype(np.uint8)), registration, settings=settings)
+        out.append(LevelLabel(level=n, percent=float(pct), voxels=int(region.sum()),
+                              volume_ml=round(float(region.sum()) * voxel_ml, 3), top_structure=lab.top_structure,
+                              hemisphere=lab.hemisphere, structures=[s.name for s in lab.structures[:3]]))
+    return out
+
+
 def build_findings(exp, *, model=None, registration=None, bspline: bool | None = None,
-                   infiller=None, with_counterfactual: bool = True,
+                   infiller=None, with_counterfactual: bool = True, with_levels: bool = False,
                    settings: Settings | None = None) -> dict[str, Any]:
     """Findings for an explanation, as a JSON-ready dict that validates against :class:`Findings`.
 
@@ -216,6 +248,7 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         bspline: add the deformable stage when registering here (default: settings).
         infiller: the counterfactual in-filler (default: :class:`~xai_core.counterfactual.TemplateInFiller`).
         with_counterfactual: False skips the counterfactual (recorded as skipped).
+        with_levels: also label each saliency level (``levels``; about 0.5 s a level).
         settings: passed to the registration, the labelling, the in-filler and the model loader
             (default ``Settings()``).
 
@@ -262,7 +295,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
                                     flat=list(s["saliency"]["flat"]), peak_lps_mm=s["saliency"]["peak_lps_mm"]),
         mask=MaskStats(**{k: s["mask"][k] for k in MaskStats.model_fields}),
         registration=RegistrationInfo(**_finite(reg.quality())),
-        location=location, counterfactual=cf, quality_flags=[], software=s["software"])
+        location=location, counterfactual=cf, quality_flags=[], software=s["software"],
+        levels=level_labels(exp, reg, settings=cfg) if with_levels else [])
     f.quality_flags = quality_flags(f)
     return f.model_dump(mode="json")
 

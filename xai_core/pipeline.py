@@ -80,12 +80,16 @@ class Explanation:
         return self.image.with_array(self.mask.levels.astype(np.uint8))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready result: prediction, probabilities, method, mask statistics, timings, versions."""
+        """JSON-ready result (:class:`xai_core.schema.ExplanationResult`): prediction, probabilities,
+        method, saliency and mask statistics, geometry, timings, versions."""
+        from .schema import ExplanationResult
+
         p = self.prediction
         voxel_ml = float(np.prod(self.image.spacing)) / 1000.0
         peak = np.unravel_index(int(np.argmax(self.primary.array)), self.primary.array.shape)
-        return {
-            "prediction": {
+        attribution = dict(self.attribution)
+        result = ExplanationResult(
+            prediction={
                 "label": p.label,
                 "probabilities": {c: round(float(v), 6) for c, v in zip(self.model_card["classes"],
                                                                           p.probabilities, strict=True)},
@@ -94,17 +98,20 @@ class Explanation:
                 "logits": [round(float(v), 6) for v in p.logits],
                 "lesion_volume_ml_segmentation_head": round(float(p.lesion_mask.array.sum()) * voxel_ml, 3),
             },
-            "method": self.method,
-            "method_title": self.title,
-            "targets": self.targets,
-            "params": self.params,
-            "saliency": {
+            method=self.method,
+            method_title=self.title or self.method,
+            targets=self.targets,
+            params=self.params,
+            saliency={
                 "flat": self.flat,
-                **self.attribution,
                 "peak_index_ijk": [int(v) for v in peak[::-1]],
                 "peak_lps_mm": [round(float(v), 3) for v in self.image.index_to_physical(peak[::-1])],
+                "display": attribution.pop("display", "minmax"),
+                "raw_max": attribution.pop("raw_max", []),
+                "convergence_delta": attribution.pop("convergence_delta", None),
+                "extras": attribution,
             },
-            "mask": {
+            mask={
                 "empty": self.mask.empty,
                 "reason": self.mask.reason,
                 "threshold": _finite_or_none(self.mask.threshold),
@@ -117,12 +124,17 @@ class Explanation:
                 "levels_encoding": "uint8: 0 outside; level n = top p_n % of brain voxels, nested, "
                                    "highest level most salient",
             },
-            "image": {"size": list(self.image.size), "spacing": list(self.image.spacing),
-                      "origin": list(self.image.origin), "direction": list(self.image.direction)},
-            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
-            "model": {k: self.model_card.get(k) for k in ("name", "version", "weights_sha256")},
-            "software": software_versions(),
-        }
+            image={"size": list(self.image.size), "spacing": list(self.image.spacing),
+                   "origin": list(self.image.origin), "direction": list(self.image.direction)},
+            timings_s={k: round(v, 4) for k, v in self.timings.items()},
+            model={k: self.model_card.get(k) for k in ("name", "version", "weights_sha256")},
+            software=software_versions(),
+        )
+        out = result.model_dump(mode="json", exclude={"task", "image_id", "result_id", "artifacts"})
+        for key in ("files", "findings", "report"):  # filled in by whoever adds them
+            if out[key] is None:
+                del out[key]
+        return out
 
 
 def _finite_or_none(x: float) -> float | None:

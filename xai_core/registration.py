@@ -64,7 +64,8 @@ from .io import Image
 from .mni import load_template
 from .settings import Settings
 
-__all__ = ["RegistrationResult", "register_to_mni", "check_registration", "mni_grid", "warp_to_mni", "warp_from_mni",
+__all__ = ["RegistrationCache",
+           "RegistrationResult", "register_to_mni", "check_registration", "mni_grid", "warp_to_mni", "warp_from_mni",
            "load_registration"]
 
 _INTERP = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
@@ -436,3 +437,50 @@ def warp_from_mni(mni_image: sitk.Image, registration: RegistrationResult, targe
     out = sitk.Resample(mni_image, target.reference(), registration.inverse(settings=settings), _INTERP[interpolator],
                         float(default), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
+
+
+class RegistrationCache:
+    """Registrations to MNI152 by image content, each computed once (least recently used dropped).
+
+    The server registers an image the first time a request asks for its anatomy and reuses the
+    result for every method and request on that image. The key is the SHA-256 of the voxels and the
+    geometry plus the registration settings, so a changed image or setting registers anew.
+    """
+
+    def __init__(self, keep: int = 16):
+        import threading
+        from collections import OrderedDict
+
+        self.keep = max(1, int(keep))
+        self._items: OrderedDict[str, RegistrationResult] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(image: Image, settings: Settings) -> str:
+        import hashlib
+
+        h = hashlib.sha256(np.ascontiguousarray(image.array).tobytes())
+        h.update(repr((image.size, image.spacing, image.origin, image.direction, image.array.dtype.str,
+                       settings.registration_spacing_mm, settings.registration_sampling_fraction,
+                       settings.registration_iterations, settings.registration_bspline,
+                       settings.registration_bspline_mesh_mm)).encode())
+        return h.hexdigest()
+
+    def get(self, image: Image, settings: Settings | None = None) -> RegistrationResult:
+        """The registration of ``image`` (computed now on a miss)."""
+        cfg = settings or Settings()
+        key = self.key(image, cfg)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+        result = register_to_mni(image, settings=cfg)
+        with self._lock:
+            self.misses += 1
+            self._items[key] = result
+            while len(self._items) > self.keep:
+                self._items.popitem(last=False)
+        return result

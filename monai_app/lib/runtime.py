@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from xai_core.registration import RegistrationCache
 from xai_core.settings import Settings
 
 from .jobs import InferFn, JobManager
@@ -28,6 +29,7 @@ class XAIRuntime:
         self.caches = {name: ModelCache(name, options.device) for name in options.models}
         self.models = self.caches[options.model]  # the default model
         self.results = ResultStore(options.results_dir, options.results_keep)
+        self.registrations = RegistrationCache(keep=16)
         # One thread does all model work: torch keeps the cores busy on its own, and CAM hooks on
         # the shared network must not interleave. Threads (not processes) suffice for a responsive
         # event loop because torch, SimpleITK and scipy spend the time outside the GIL.

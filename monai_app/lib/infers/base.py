@@ -48,7 +48,9 @@ class ReadImage:
         path = data.get("image")
         if not isinstance(path, str) or not path:
             raise BadInput("no image: give a datastore image id (image=...) or upload a file")
-        data[IMAGE_KEY] = read_image(path)
+        # An upload (no datastore id) is a client's file: read it under the untrusted rules and the
+        # shared memory budget. Datastore images passed those checks when they were stored.
+        data[IMAGE_KEY] = read_image(path, untrusted=data.get(IMAGE_ID_KEY) is None)
         return data
 
 

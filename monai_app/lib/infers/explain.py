@@ -8,12 +8,17 @@ the HTTP response carries: the float32 heatmap (``explanation`` type) or the uin
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from xai_core.explain import get_explainer
+from xai_core.findings import build_findings
 from xai_core.pipeline import explain, write_explanation
+from xai_core.report import draft_report
+from xai_core.schema import ExplanationResult
 
 from ..errors import BadInput
 from ..runtime import XAIRuntime
@@ -23,6 +28,21 @@ EXPLANATION_TYPE = "explanation"  # not one of MONAI Label's InferType values: s
 
 # xai_core.pipeline reports the stage running now; after its last stage the task writes files.
 RUNNING_STAGE = {"done": ("write", 0.9)}
+
+
+def wants_report(params: dict[str, Any]) -> bool:
+    """The ``report`` parameter: findings (anatomy, counterfactual, flags) and a drafted report in the
+    reply. Off by default: it adds a registration to MNI (once per image) and a counterfactual."""
+    value = params.get("report", False)
+    if isinstance(value, list | tuple) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", ""):
+        return value.lower() in ("true", "1", "yes")
+    raise BadInput(f"report must be true or false, got {value!r}")
 
 
 class ExplainTask(XAIInferTask):
@@ -47,12 +67,30 @@ class ExplainTask(XAIInferTask):
         def running(stage: str, fraction: float) -> None:
             progress(*RUNNING_STAGE.get(stage, (stage, fraction)))
 
+        settings = self.runtime.settings
         exp = explain(data[IMAGE_KEY], method, target=data.get("target"), model=model, progress=running,
-                      settings=self.runtime.settings)
+                      settings=settings)
         result_id, folder = self.runtime.results.create()
         write_explanation(exp, folder, overlay=False)
         result = {**self.base_json(data, result_id), **exp.summary()}
-        self.finish(data, result_id, result, self.response_artifact)
+        if wants_report(data):
+            progress("report", 0.8)
+            t = time.perf_counter()
+            # Registration to MNI is the costly part: once per image, reused by every method and request.
+            registration = self.runtime.registrations.get(exp.image, settings)
+            findings = build_findings(exp, model=model, registration=registration, with_levels=True,
+                                      settings=settings)
+            report = draft_report(findings, settings=settings).markdown
+            (folder / "findings.json").write_text(json.dumps(findings, indent=2))
+            (folder / "report.md").write_text(report)
+            result.update(findings=findings, report=report)
+            result["timings_s"]["report"] = round(time.perf_counter() - t, 4)
+        self.finish(data, result_id, ExplanationResult.model_validate(result).model_dump(mode="json"),
+                    self.response_artifact)
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        wants_report(params)
 
 
 class SaliencyMaskTask(ExplainTask):

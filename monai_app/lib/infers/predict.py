@@ -10,6 +10,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 from xai_core.io import Image, write_image
 from xai_core.models import ModelAdapter, Prediction
 from xai_core.pipeline import software_versions
+from xai_core.schema import ClassificationResult, SegmentationResult
 
 from ..runtime import XAIRuntime
 from .base import IMAGE_KEY, Progress, XAIInferTask, timed
@@ -56,7 +57,7 @@ class ClassifyTask(XAIInferTask):
         result = {**self.base_json(data, result_id), "prediction": prediction_json(pred, model, image),
                   "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
                   "software": software_versions()}
-        self.finish(data, result_id, result, None)
+        self.finish(data, result_id, ClassificationResult.model_validate(result).model_dump(mode="json"), None)
 
 
 class SegmentTask(XAIInferTask):
@@ -78,4 +79,5 @@ class SegmentTask(XAIInferTask):
                            "threshold": 0.5, "empty": voxels == 0},
                   "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
                   "software": software_versions()}
-        self.finish(data, result_id, result, "mask.nii.gz")
+        self.finish(data, result_id, SegmentationResult.model_validate(result).model_dump(mode="json"),
+                    "mask.nii.gz")
