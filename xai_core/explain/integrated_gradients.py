@@ -272,7 +272,23 @@ class LayerIntegratedGradients(Explainer):
     def _prefix(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...],
                 full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's output ``(B, K, *s)`` for ``inputs`` (no autograd) and, with ``full``, the class
-        logits of the same forward; without ``full`` the forward stops at the layer."""
+        logits of the same forward; without ``full`` the forward stops at the layer. Runs in chunks of
+        ``internal_batch_size`` rows: under a noise tunnel ``B`` counts every copy."""
+        b, ibs = inputs[0].shape[0], self.internal_batch_size
+        if ibs is None or b <= ibs:
+            return self._prefix_rows(inputs, args, full)
+        parts = []
+        for start in range(0, b, ibs):
+            rows = slice(start, min(start + ibs, b))
+            parts.append(self._prefix_rows(
+                tuple(t[rows] for t in inputs),
+                tuple(v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v for v in args),
+                full))
+        acts = torch.cat([p[0] for p in parts])
+        return acts, (torch.cat([p[1] for p in parts]) if full else None)  # type: ignore[misc]
+
+    def _prefix_rows(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...],
+                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         store: dict[str, Any] = {}
 
         def hook(_m: nn.Module, _a: Any, out: Any) -> None:
