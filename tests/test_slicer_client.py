@@ -8,6 +8,7 @@ results are computed from the uploaded file on the file's own LPS grid, as the r
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import socket
@@ -42,6 +43,7 @@ from XAIExplainLib.client import (  # noqa: E402
     parse_multipart,
 )
 from XAIExplainLib.jobs import BackgroundCall, ExplanationRun  # noqa: E402
+from XAIExplainLib.schema import ReplyError  # noqa: E402
 from XAIExplainLib.selftest import make_server_outputs  # noqa: E402
 
 # ------------------------------------------------------------------------------------ fake server
@@ -49,9 +51,10 @@ from XAIExplainLib.selftest import make_server_outputs  # noqa: E402
 class FakeState:
     """What the fake server holds, and switches for the behaviours a test wants."""
 
-    def __init__(self, token: str | None = None, job_api: bool = True):
+    def __init__(self, token: str | None = None, job_api: bool = True, inline_report: bool = True):
         self.token = token
         self.job_api = job_api
+        self.inline_report = inline_report  # False: findings and report are artifacts only
         self.info_delay = 0.0
         self.images: dict[str, Path] = {}
         self.labels: dict[tuple[str, str], list[tuple[bytes, dict]]] = {}
@@ -65,11 +68,20 @@ class FakeState:
     def explain(self, image_id: str, task: str, params: dict) -> dict:
         """Results for ``image_id`` (files on its grid) and the result JSON with artifact URLs."""
         rid = uuid.uuid4().hex[:12]
-        result, files = make_server_outputs(self.images[image_id], self.dir / rid)
+        with_report = params.get("report") is True
+        result, files = make_server_outputs(self.images[image_id], self.dir / rid, with_findings=with_report)
         self.results[rid] = {**files, "result": self.dir / rid / "result.json"}
-        result.update(result_id=rid, params=params, model={"name": "fake-net", "version": "9.9"})
-        if self.job_api:  # a stock MONAI Label server has no result downloads
-            result["artifacts"] = {k: f"/xai/results/{rid}/{Path(v).name}" for k, v in self.results[rid].items()}
+        if with_report:  # like the server: findings.json and report.md are artifacts too
+            (self.dir / rid / "findings.json").write_text(json.dumps(result["findings"]))
+            (self.dir / rid / "report.md").write_text(result["report"])
+            self.results[rid].update(findings=self.dir / rid / "findings.json", report=self.dir / rid / "report.md")
+            if not self.inline_report:
+                result.update(findings=None, report=None)
+        result.update(result_id=rid, task=task, image_id=image_id, params=params,
+                      model={"name": "fake-net", "version": "9.9", "weights_sha256": None})
+        # A stock MONAI Label server has no result downloads.
+        result["artifacts"] = ({k: f"/xai/results/{rid}/{Path(v).name}" for k, v in self.results[rid].items()}
+                               if self.job_api else {})
         (self.dir / rid / "result.json").write_text(json.dumps(result))
         return result
 
@@ -438,6 +450,23 @@ def test_explanation_run_uploads_polls_and_downloads(server, input_file, tmp_pat
         assert path.read_bytes() == server.state.results[rid][name].read_bytes()
 
 
+@pytest.mark.parametrize("inline", [True, False], ids=["in the reply", "as artifacts"])
+def test_explanation_run_with_report_gets_findings_and_report(inline, input_file, tmp_path):
+    with FakeServer(inline_report=inline) as s:
+        state = ExplanationRun(XAIClient(s.url), "gradcampp", {"target": "predicted", "report": True}, tmp_path,
+                               image_id="case8", image_path=input_file, poll_interval=0.01).run()
+        assert state.status == "done", state.error
+        rid = state.result["result_id"]
+        served = s.state.results[rid]
+        assert json.loads(served["findings"].read_text()) == state.result["findings"]
+        assert state.result["report"] == served["report"].read_text() and "# Draft report" in state.result["report"]
+        # Downloaded only when the reply did not carry them (no second copy of what it holds).
+        downloads = {p for m, p in s.state.requests if m == "GET" and p.startswith(f"/xai/results/{rid}/")}
+        assert (f"/xai/results/{rid}/findings.json" in downloads) is (not inline)
+        assert (f"/xai/results/{rid}/report.md" in downloads) is (not inline)
+        assert "_files" not in state.result
+
+
 def test_explanation_run_reuses_a_content_id_the_server_already_has(server, input_file, tmp_path):
     c = XAIClient(server.url)
     c.upload_image(input_file, "same_content")
@@ -543,15 +572,41 @@ def test_module_logic_explains_uploads_once_and_saves_a_label(server, monkeypatc
         logic.setConnection(client, client.info())
         assert [t.name for t in logic.explanationTasks()][0] == "gradcampp" and not logic.hasVqa()
         node = xs.add_volume(synthetic_input(), oblique_ijk_to_ras(), "T1")
-        state = logic.startRun(node, "gradcampp", {"target": "predicted"}).join(30)
+        # The report is on by default (parameter node) and travels as report: true.
+        params_node = xs.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+        logic.setDefaultParameters(params_node)
+        assert params_node.GetParameter(mod.REPORT_PARAMETER) == "true" and logic.reportRequested(params_node)
+        params = logic.explanationParams("", logic.reportRequested(params_node))
+        assert params == {"target": "predicted", "report": True}
+        state = logic.startRun(node, "gradcampp", params).join(30)
         assert state.status == "done", state.error
         assert state.image_id == xs.content_id(node) and state.image_id in server.state.images
+        assert next(iter(server.state.jobs.values()))["params"] == params
         nodes = logic.showResult(state, node, 0.5, 0.2)
         assert xs.same_grid(nodes.heatmap, node) and len(nodes.level_segment_ids) == 4
+        seg = nodes.segmentation.GetSegmentation()
+        assert seg.GetSegment(nodes.level_segment_ids[3]).GetName() == "Saliency top 1 % – Left insular cortex"
+        assert seg.GetSegment(nodes.mask_segment_id).GetName() == "Salient region – Left insular cortex"
+        # Turned off: stored in the parameter node, sent as report: false, names by percent only.
+        params_node.SetParameter(mod.REPORT_PARAMETER, "false")
+        logic.setDefaultParameters(params_node)  # keeps the user's choice
+        assert not logic.reportRequested(params_node)
+        plain = logic.startRun(node, "gradcampp", logic.explanationParams("all", False)).join(30)
+        assert plain.status == "done" and plain.result["findings"] is None
+        plain_nodes = logic.showResult(plain, node, 0.5, 0.2)
+        assert plain_nodes.segmentation.GetSegmentation().GetSegment(
+            plain_nodes.level_segment_ids[3]).GetName() == "Saliency top 1 %"
         # Unchanged volume: no second upload; the second run still works (the server has the image).
         assert logic.prepareUpload(node) == (state.image_id, None)
         again = logic.startRun(node, "gradcampp", {}).join(30)
         assert again.status == "done" and server.state.requests.count(("PUT", "/datastore/image")) == 1
+        # A reply the module cannot read fails before any node is made, naming what is missing.
+        broken = copy.deepcopy(again)
+        del broken.result["mask"]["levels_percent"]
+        n_nodes = xs.scene.GetNumberOfNodes()
+        with pytest.raises(ReplyError, match="mask.levels_percent is missing"):
+            logic.showResult(broken, node, 0.5, 0.2)
+        assert xs.scene.GetNumberOfNodes() == n_nodes
         # A restarted module (empty upload record) uploads again and the server's 409 is taken as "have it".
         logic.forgetUpload(node)
         assert logic.startRun(node, "gradcampp", {}).join(30).status == "done"

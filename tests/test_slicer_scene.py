@@ -18,8 +18,10 @@ from XAIExplainLib.scene import (  # noqa: E402
     HEAT_COLOR_NODE_NAME,
     MASK_COLOR,
     heat_rgb,
+    level_rgb,
     ras_from_lps_geometry,
 )
+from XAIExplainLib.schema import ReplyError  # noqa: E402
 from XAIExplainLib.selftest import (  # noqa: E402
     make_server_outputs,
     oblique_ijk_to_ras,
@@ -98,12 +100,15 @@ def test_levels_are_nested_named_and_coloured_along_the_ramp(xs, loaded):
     node, _, files, nodes = loaded
     segm = nodes.segmentation.GetSegmentation()
     names = [segm.GetSegment(s).GetName() for s in nodes.level_segment_ids]
-    assert names == ["Saliency top 20 %", "Saliency top 10 %", "Saliency top 5 %",
-                     "Saliency top 1 % – Left Insular Cortex, Left Putamen"]
+    assert names == ["Saliency top 20 % – Left central opercular cortex", "Saliency top 10 %",
+                     "Saliency top 5 % – Left insular cortex", "Saliency top 1 % – Left insular cortex"]
     colours = [segm.GetSegment(s).GetColor() for s in nodes.level_segment_ids]
     assert [c == pytest.approx(heat_rgb(0.3 + 0.7 * n / 4)) for n, c in enumerate(colours, 1)] == [True] * 4
+    assert [c == pytest.approx(level_rgb(n, 4)) for n, c in enumerate(colours, 1)] == [True] * 4
+    lum = [0.2126 * r + 0.7152 * g + 0.0722 * b for r, g, b in colours]
+    assert lum == sorted(lum) and len(set(lum)) == 4  # least to most salient: darker to brighter
     mask = segm.GetSegment(nodes.mask_segment_id)
-    assert mask.GetName().startswith("Saliency mask (") and mask.GetColor() == pytest.approx(MASK_COLOR)
+    assert mask.GetName() == "Salient region – Left insular cortex" and mask.GetColor() == pytest.approx(MASK_COLOR)
     arrays = [xs.segment_array(nodes.segmentation, s, node) for s in nodes.level_segment_ids]
     for wide, narrow in zip(arrays, arrays[1:], strict=False):
         assert narrow.sum() < wide.sum() and not (narrow & ~wide).any()  # nested: overlap kept
@@ -112,6 +117,29 @@ def test_levels_are_nested_named_and_coloured_along_the_ramp(xs, loaded):
     dn = nodes.segmentation.GetDisplayNode()
     assert dn.GetSegmentOpacity2DFill(nodes.level_segment_ids[0]) == 0.0
     assert dn.GetSegmentOpacity2DFill(nodes.mask_segment_id) == pytest.approx(0.4)
+
+
+def test_without_findings_segments_are_named_by_percent(xs, tmp_path):
+    node = xs.add_volume(synthetic_input(), oblique_ijk_to_ras(), "input")
+    uploaded = xs.write_volume(node, tmp_path / "input.nii.gz")
+    result, files = make_server_outputs(uploaded, tmp_path / "server", with_findings=False)
+    nodes = xs.import_explanation(result, files, node)
+    segm = nodes.segmentation.GetSegmentation()
+    assert [segm.GetSegment(s).GetName() for s in nodes.level_segment_ids + [nodes.mask_segment_id]] == [
+        "Saliency top 20 %", "Saliency top 10 %", "Saliency top 5 %", "Saliency top 1 %",
+        f"Salient region ({100 * result['mask']['fraction_of_brain']:.2g} % of brain)"]
+    assert nodes.heatmap.GetName() == "XAI Grad-CAM++ (glioma) saliency"
+
+
+def test_a_reply_of_another_schema_makes_no_nodes(xs, tmp_path):
+    node = xs.add_volume(synthetic_input(), oblique_ijk_to_ras(), "input")
+    uploaded = xs.write_volume(node, tmp_path / "input.nii.gz")
+    result, files = make_server_outputs(uploaded, tmp_path / "server")
+    old_style = {k: v for k, v in result.items() if k not in ("method_title", "mask")}
+    before = xs.scene.GetNumberOfNodes()
+    with pytest.raises(ReplyError, match="method_title is missing; mask is missing"):
+        xs.import_explanation(old_style, files, node)
+    assert xs.scene.GetNumberOfNodes() == before
 
 
 def test_export_merges_chosen_segments_on_the_reference_grid(xs, loaded):

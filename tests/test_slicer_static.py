@@ -197,3 +197,81 @@ def test_slicer_docs_explain_install_connect_explain_correct_save():
     text = (ROOT / "docs" / "slicer.md").read_text()
     for words in ("Additional module paths", "Connect", "Explain", "Segment Editor", "Save as label", "token"):
         assert words in text, words
+
+
+# ------------------------------------------------------------------------------------- result schema
+
+SCHEMA_COPY = MODULE_DIR / "Resources" / "Schema" / "xai_result_schema.json"
+REFRESH = ("refresh it: .venv/bin/python -m xai_core.schema > docs/result_schema.json && "
+           f"cp docs/result_schema.json {SCHEMA_COPY.relative_to(ROOT)}")
+
+
+def _lib_schema():
+    import sys
+
+    sys.path.insert(0, str(MODULE_DIR))
+    from XAIExplainLib import schema
+
+    return schema
+
+
+def test_bundled_schema_is_the_projects_schema():
+    from xai_core.schema import result_json_schema
+
+    bundled = json.loads(SCHEMA_COPY.read_text())
+    assert bundled == json.loads((ROOT / "docs" / "result_schema.json").read_text()), \
+        f"the module's schema copy differs from docs/result_schema.json; {REFRESH}"
+    # Also against the models themselves: a model change fails here even before docs/ is regenerated.
+    assert bundled == json.loads(json.dumps(result_json_schema())), f"the result models changed; {REFRESH}"
+    assert _lib_schema().SCHEMA_PATH == SCHEMA_COPY.resolve()
+
+
+def test_module_cmake_installs_the_schema():
+    sets = _cmake_sets((MODULE_DIR / "CMakeLists.txt").read_text())
+    assert str(SCHEMA_COPY.relative_to(MODULE_DIR)) in sets["MODULE_PYTHON_RESOURCES"]
+
+
+def test_every_field_the_library_reads_is_in_the_bundled_schema():
+    schema = _lib_schema()
+    assert sum(len(v) for v in schema.READS.values()) >= 40  # READS still lists the fields
+    for kind, paths in schema.READS.items():
+        for path in paths:
+            schema.field_schema(path, kind)  # KeyError names the path the schema lacks
+
+
+def test_the_library_reads_replies_only_through_schema_paths():
+    """Every ``get(obj, "path")`` / ``items(obj, "path")`` in the module names a path of ``READS``
+    (a misspelt path would read nothing and never be checked), and report.py and scene.py touch
+    a reply no other way (no ``result.get(...)`` or ``result[...]``)."""
+    schema = _lib_schema()
+    reads = {p for paths in schema.READS.values() for p in paths}
+    used = set()
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("get", "items")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)):
+                used.add(node.args[1].value)
+                assert node.args[1].value in reads, f"{path.name}:{node.lineno} reads {node.args[1].value!r}"
+    assert len(used) >= 35, sorted(used)
+    for name in ("report.py", "scene.py"):
+        tree = ast.parse((LIB_DIR / name).read_text())
+        # A question's answer (vqa) is outside the result schema: no server task sends one yet.
+        functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and not f.name.startswith("answer")]
+        for node in (n for f in functions for n in ast.walk(f)):
+            target = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                target = node.func.value
+            elif isinstance(node, ast.Subscript):
+                target = node.value
+            if isinstance(target, ast.Name) and target.id == "result":
+                pytest.fail(f"{name}:{node.lineno} reads the reply without a schema path")
+
+
+def test_ui_has_the_report_checkbox_on_by_default_and_the_findings_table():
+    root, widgets, _ = _ui()
+    assert widgets["reportCheckBox"] == "QCheckBox" and widgets["findingsTableWidget"] == "QTableWidget"
+    box = next(w for w in root.iter("widget") if w.get("name") == "reportCheckBox")
+    checked = next(p for p in box.iter("property") if p.get("name") == "checked")
+    assert checked.findtext("bool") == "true"
+    code = MODULE_PY.read_text()
+    assert '"toggled(bool)", self.onReportToggled' in code and "SetParameter(REPORT_PARAMETER" in code
