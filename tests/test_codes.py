@@ -145,3 +145,48 @@ def test_segment_coding():
     assert codes.NEOPLASM.as_dict() == {"value": "108369006", "scheme": "SCT", "meaning": "Neoplasm"}
     hd = codes.SALIENCY.to_highdicom()
     assert (hd.value, hd.scheme_designator, hd.meaning) == ("130404", "DCM", "Saliency")
+
+
+def test_findings_carry_the_codes(monkeypatch):
+    """build_findings puts the lesion type's and each structure's code into the record (schema 1.1);
+    the labelling and registration are stand-ins, the codes are the real ones."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from xai_core import atlas
+    from xai_core.findings import SCHEMA_VERSION, Findings, build_findings
+
+    def overlap(name: str, frac: float) -> atlas.StructureOverlap:
+        return atlas.StructureOverlap(name=name, label=atlas.readable_name(name), lobe=atlas.lobe_of(name),
+                                      hemisphere="left", volume_ml=1.0, fraction=frac, mean_probability=0.5)
+
+    structures = [overlap("Left_Thalamus", 0.5), overlap("Left_Superior_Frontal_Gyrus", 0.3),
+                  overlap("Left_Central_Opercular_Cortex", 0.2)]
+    lab = atlas.Labelling(structures=structures, lobes={"subcortical": 0.5}, hemisphere="left", left_fraction=1.0,
+                          crosses_midline=False, outside_atlas_fraction=0.0, centroid_mni_ras_mm=(1.0, 2.0, 3.0),
+                          peak_mni_ras_mm=None, peak_structure=None, volume_ml=2.0, components=1, mni_voxels=9)
+    monkeypatch.setattr(atlas, "label_region", lambda *a, **k: lab)
+    reg = SimpleNamespace(likely_failed=False, quality=lambda: {
+        "kind": "affine", "metric": "mattes", "metric_value": -0.5, "ncc": 0.9, "dice": 0.9, "det": 1.0,
+        "likely_failed": False, "reason": None, "seconds": 1.0, "stop": "converged"})
+    summary = {
+        "image": {"size": [2, 2, 2], "spacing": [1.0, 1.0, 1.0], "origin": [0.0, 0.0, 0.0],
+                  "direction": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]},
+        "prediction": {"label": "glioma", "probabilities": {"none": 0.1, "glioma": 0.9}, "calibration": None,
+                       "temperature": 1.0, "lesion_volume_ml_segmentation_head": 2.0},
+        "params": {}, "saliency": {"flat": [False], "peak_lps_mm": [0.0, 0.0, 0.0]},
+        "mask": {"empty": False, "reason": None, "voxels": 2, "volume_ml": 0.002, "fraction_of_brain": 0.25,
+                 "components": 1, "threshold": 0.5, "percentile": 75.0},
+        "software": {"xai_core": "test"}}
+    exp = SimpleNamespace(summary=lambda: summary, method="gradcam++", targets=["glioma"],
+                          model_card={"name": "m", "version": "1", "weights_sha256": "", "classes": ["none", "glioma"]},
+                          mask=SimpleNamespace(empty=False, mask=np.ones((2, 2, 2), bool)),
+                          mask_image=lambda: None, primary=None)
+    f = build_findings(exp, registration=reg, with_counterfactual=False)
+    Findings.model_validate(f)
+    assert f["schema_version"] == SCHEMA_VERSION == "1.1"
+    assert f["prediction"]["lesion_type_code"] == {"value": "86049000", "scheme": "SCT", "meaning": "Neoplasm, Primary"}
+    got = {s["name"]: (s["code"] and s["code"]["value"], s["code_scope"]) for s in f["location"]["structures"]}
+    assert got == {"Left_Thalamus": ("42695009", "structure"), "Left_Superior_Frontal_Gyrus": ("83251001", "lobe"),
+                   "Left_Central_Opercular_Cortex": (None, "uncoded")}

@@ -2,7 +2,7 @@
 
 :func:`build_findings` runs what an explanation still needs to become findings (registration to
 MNI152, atlas labelling of the explanation mask, the counterfactual check) and returns the record
-as a plain dict that validates against :class:`Findings` (``schema_version`` "1.0"). The MONAI
+as a plain dict that validates against :class:`Findings` (``schema_version`` "1.1"). The MONAI
 Label app, the CLI (``xai explain --report``) and the report drafter (:mod:`xai_core.report`) all use
 this one function.
 
@@ -18,12 +18,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .codes import lesion_type_code, structure_code
 from .settings import Settings
 
-__all__ = ["SCHEMA_VERSION", "Findings", "LevelLabel", "QualityFlag", "build_findings", "findings_json_schema",
-           "level_labels", "quality_flags"]
+__all__ = ["SCHEMA_VERSION", "CodedConcept", "Findings", "LevelLabel", "QualityFlag", "build_findings",
+           "findings_json_schema", "level_labels", "quality_flags"]
 
-SCHEMA_VERSION = "1.0"
+# 1.1: SNOMED CT codes added (lesion type, structures); otherwise the same record as 1.0.
+SCHEMA_VERSION = "1.1"
 
 # Below this absolute drop of the predicted class's probability the region is said not to carry the
 # prediction (a weak counterfactual): 0.05 is above the jitter of re-predicting a resampled image.
@@ -52,12 +54,22 @@ class ModelInfo(_Model):
     classes: list[str]
 
 
+class CodedConcept(_Model):
+    """A standard code (:mod:`xai_core.codes`): code value, coding scheme ("SCT" = SNOMED CT), meaning."""
+
+    value: str
+    scheme: str
+    meaning: str
+
+
 class PredictionInfo(_Model):
     label: str
     probabilities: dict[str, float] = Field(description="calibrated class probabilities")
     calibration: str | None = Field(description="calibration method")
     temperature: float | None
     lesion_volume_ml_segmentation_head: float
+    lesion_type_code: CodedConcept | None = Field(None, description="SNOMED CT lesion type of the predicted class "
+                                                                    "(None: no lesion)")
 
 
 class ExplanationInfo(_Model):
@@ -101,6 +113,10 @@ class StructureInfo(_Model):
     fraction: float = Field(description="share of the region inside the structure")
     mean_probability: float = Field(description="mean atlas probability (0..1) over the overlap")
     saliency_share: float | None = Field(description="share of the saliency mass in the structure")
+    code: CodedConcept | None = Field(None, description="SNOMED CT code of the structure, or of its lobe (code_scope)")
+    code_scope: Literal["structure", "lobe", "uncoded"] | None = Field(
+        None, description="structure: the code names it; lobe: it has no code of its own, the lobe's is given; "
+                          "uncoded: no code fits (xai_core.codes)")
 
 
 class LocationInfo(_Model):
@@ -163,7 +179,7 @@ class QualityFlag(_Model):
 class Findings(_Model):
     """Findings record, version :data:`SCHEMA_VERSION`."""
 
-    schema_version: Literal["1.0"] = SCHEMA_VERSION
+    schema_version: Literal["1.1"] = SCHEMA_VERSION
     study: StudyGeometry
     model: ModelInfo
     prediction: PredictionInfo
@@ -267,6 +283,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
     lab = label_region(exp.mask_image(), reg, exp.primary, settings=cfg)
     location = LocationInfo(region=f"{exp.method} explanation mask of {exp.targets[0]}", **{
         k: v for k, v in lab.to_dict().items() if k not in ("mni_voxels", "registration_failed")})
+    for st in location.structures:
+        st.code, st.code_scope = _structure_code(st.name)
 
     if not with_counterfactual:
         cf = CounterfactualInfo(status="skipped", reason="not requested")
@@ -290,7 +308,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         prediction=PredictionInfo(
             label=s["prediction"]["label"], probabilities=s["prediction"]["probabilities"],
             calibration=s["prediction"]["calibration"], temperature=s["prediction"]["temperature"],
-            lesion_volume_ml_segmentation_head=s["prediction"]["lesion_volume_ml_segmentation_head"]),
+            lesion_volume_ml_segmentation_head=s["prediction"]["lesion_volume_ml_segmentation_head"],
+            lesion_type_code=_coded(lesion_type_code(s["prediction"]["label"]))),
         explanation=ExplanationInfo(method=exp.method, targets=list(exp.targets), params=s["params"],
                                     flat=list(s["saliency"]["flat"]), peak_lps_mm=s["saliency"]["peak_lps_mm"]),
         mask=MaskStats(**{k: s["mask"][k] for k in MaskStats.model_fields}),
@@ -299,6 +318,19 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         levels=level_labels(exp, reg, settings=cfg) if with_levels else [])
     f.quality_flags = quality_flags(f)
     return f.model_dump(mode="json")
+
+
+def _coded(c) -> CodedConcept | None:
+    return CodedConcept(**c.as_dict()) if c is not None else None
+
+
+def _structure_code(name: str) -> tuple[CodedConcept | None, str | None]:
+    """(code, scope) of a Harvard-Oxford structure; (None, None) for a name the code table lacks."""
+    try:
+        sc = structure_code(name)
+    except KeyError:
+        return None, None
+    return _coded(sc.concept), sc.scope
 
 
 def _finite(d: dict[str, Any]) -> dict[str, Any]:

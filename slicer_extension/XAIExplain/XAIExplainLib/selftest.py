@@ -121,7 +121,7 @@ def sample_result(geometry: dict[str, Any], voxels: int = 120, fraction: float =
                              0.8, 0.25)]
     level_top = {1: "Left_Central_Opercular_Cortex", 3: "Left_Insular_Cortex", 4: "Left_Insular_Cortex"}
     result["findings"] = {
-        "schema_version": "1.0",
+        "schema_version": "1.1",
         "study": {"size": geometry["size"], "spacing_mm": geometry["spacing"], "origin_lps_mm": geometry["origin"],
                   "direction": geometry["direction"]},
         "model": {**model, "classes": list(probabilities)},
