@@ -419,8 +419,13 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.exception("could not show the result")
             self.ui.statusLabel.text = f"Could not show the result: {e}"
             return
-        self.ui.statusLabel.text = "Done" + (" (server without job API: could not be cancelled)"
-                                             if state.blocking_fallback else "") + "."
+        # Warnings and errors of the findings (failed registration, weak counterfactual ...) must not
+        # hide in the text box: the status line says that there are some.
+        flags = [f for f in report.quality_flags(state.result) if f[0] in ("warning", "error")] \
+            if self.runKind == "explain" else []
+        self.ui.statusLabel.text = ("Done" + (" (server without job API: could not be cancelled)"
+                                              if state.blocking_fallback else "") + "."
+                                    + (f" {len(flags)} quality warning(s): {flags[0][2]}" if flags else ""))
 
     def showExplanation(self, state):
         volume = self.runVolume
