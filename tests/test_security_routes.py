@@ -197,13 +197,15 @@ def test_wsi_route_cannot_write_labels_outside_or_read_server_files(server, worl
 def test_bodyless_label_info_put_does_not_rewrite_provenance(server, tmp_path):
     r = server.put("/datastore/label", params={"image": "second", "tag": "prov"},
                    files={"label": ("l.nii.gz", label_bytes(1, tmp_path))},
-                   data={"params": json.dumps({"user": "dr-a", "source": "corrected_saliency"})})
+                   data={"params": json.dumps({"note": "dr-a", "user": "forged"})})
     assert r.status_code == 200, r.text
+    saved_at = server.get("/datastore/label/info", params={"label": "second", "tag": "prov"}).json()["saved_at"]
     for path in ("/datastore/label/info", "/datastore/updatelabelinfo"):
         r = server.put(path, params={"label": "second", "tag": "prov"})
         assert_clean_4xx(server, r, 404, "cannot be turned on")
     info = server.get("/datastore/label/info", params={"label": "second", "tag": "prov"}).json()
-    assert info["user"] == "dr-a" and info["version"] == 1 and len(info["sha256"]) == 64
+    assert info["note"] == "dr-a" and info["user"] is None and info["saved_at"] == saved_at
+    assert info["version"] == 1 and len(info["sha256"]) == 64
 
 
 def test_training_without_labels_or_with_bad_values_is_a_4xx(server):

@@ -16,6 +16,7 @@ import torch
 from xai_core.registration import RegistrationCache
 from xai_core.settings import Settings
 
+from . import provenance
 from .jobs import InferFn, JobManager
 from .models import ModelCache
 from .options import AppOptions
@@ -43,6 +44,14 @@ class XAIRuntime:
             return self.caches[model]
         except KeyError:
             raise KeyError(f"model {model!r} is not served; served: {sorted(self.caches)}") from None
+
+    def label_provenance(self, client_params: dict[str, Any], image_id: str, *, user: str | None = None,
+                         auth: bool = False) -> dict[str, Any]:
+        """The info a label is stored with, stamped from the result the client names
+        (:func:`lib.provenance.stamp`)."""
+        rid = client_params.get("result_id")
+        result = self.results.read_json(rid) if isinstance(rid, str) and rid else None
+        return provenance.stamp(client_params, image_id=image_id, result=result, user=user, auth=auth)
 
     def bind(self, infer: InferFn) -> None:
         """Give the job manager the app's ``infer`` (MONAI Label's request path)."""

@@ -183,8 +183,22 @@ async def get_result_file(result_id: str, name: str):
     path = _app().xai.results.path(result_id, name)
     if path is None:
         raise ApiError(404, f"no artifact {name!r} for result {result_id!r} (results are pruned when old)")
-    media = "application/json" if name.endswith(".json") else "application/gzip"
-    return FileResponse(path, media_type=media, filename=f"{result_id[:8]}_{name}")
+    return FileResponse(path, media_type=_media_type(name), filename=f"{result_id[:8]}_{name}")
+
+
+def _media_type(name: str) -> str:
+    for suffix, media in ((".json", "application/json"), (".md", "text/markdown; charset=utf-8"),
+                          (".dcm", "application/dicom")):
+        if name.endswith(suffix):
+            return media
+    return "application/gzip"
+
+
+@router.get("/xai/schema", summary="JSON Schema of every result the server returns (docs/result_schema.json)")
+async def result_schema():
+    from xai_core.schema import result_json_schema
+
+    return result_json_schema()
 
 
 # -- datastore ----------------------------------------------------------------------------------------
@@ -212,26 +226,6 @@ async def put_image(request: Request, image: str | None = None):
     return {"image": new_id}
 
 
-def _provenance(app, image_id: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Label info: the client's params, completed from the result it corrects when ``result_id`` is known."""
-    info = dict(params)
-    info.setdefault("source", "manual")
-    rid = info.get("result_id")
-    if rid:
-        result = app.xai.results.read_json(str(rid))
-        if result is not None:
-            if result.get("image_id") and result["image_id"] != image_id:
-                raise ApiError(422, f"result {rid!r} was computed for image {result['image_id']!r}, "
-                                    f"not {image_id!r}")
-            model = result.get("model") or {}
-            info.setdefault("method", result.get("method"))
-            info.setdefault("task", result.get("task"))
-            info.setdefault("model_version", model.get("version"))
-            info.setdefault("model_name", model.get("name"))
-        info["result_known"] = result is not None
-    return info
-
-
 @router.put("/datastore/label", summary="Save a label with provenance; an earlier one becomes a version")
 async def put_label(request: Request, image: str, tag: str = "final"):
     app = _app()
@@ -240,7 +234,9 @@ async def put_label(request: Request, image: str, tag: str = "final"):
     image_uri = _image_uri(app, image)
     params, form = await read_params(request)
     upload = _form_file(form, "label")
-    info = _provenance(app, image, params)
+    # Provenance is stamped by the server from the result the client names; the client's values for
+    # its keys are dropped. The token identifies no person, so there is no user name to record.
+    info = app.xai.label_provenance(params, image, user=None, auth=bool(app.xai.options.token))
     path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
     try:
         await run_in_threadpool(check_label, path, upload.filename, image_uri)

@@ -34,6 +34,7 @@ everywhere) cannot be ranked. It comes back as all zeros and is flagged in ``Att
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -305,6 +306,9 @@ class Explainer:
     model_kinds: ClassVar[frozenset[str]] = frozenset()
     needs: ClassVar[Needs] = "gradients"
     display: ClassVar[Display] = "minmax"
+    # Parameters a client of the server may set, with their allowed range (inclusive): the rest stay
+    # at the defaults, so a request cannot make a method arbitrarily slow or large.
+    param_bounds: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __init__(self, forward_func: nn.Module | ForwardFunc, *, output_index: int | str = 0):
         if not callable(forward_func):
@@ -344,6 +348,29 @@ class Explainer:
     def __repr__(self) -> str:
         what = type(self.model).__name__ if self.model is not None else getattr(self.forward_func, "__name__", "fn")
         return f"{type(self).__name__}({what}, output_index={self.output_index!r})"
+
+
+def check_method_params(cls: type[Explainer], params: Any) -> dict[str, Any]:
+    """Client-supplied parameters of method ``cls``, checked against its ``param_bounds``: a dict of
+    numbers, each named there and within its range (whole numbers where the default is an int)."""
+    if params is None:
+        return {}
+    if not isinstance(params, Mapping):
+        raise ValueError(f"method_params must be an object, got {type(params).__name__}")
+    out = {}
+    for key, value in params.items():
+        if key not in cls.param_bounds:
+            allowed = ", ".join(sorted(cls.param_bounds)) or "none"
+            raise ValueError(f"{cls.name} takes no parameter {key!r} from a request; it takes: {allowed}")
+        lo, hi = cls.param_bounds[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ValueError(f"{cls.name} parameter {key} must be a number in [{lo:g}, {hi:g}], got {value!r}")
+        default = inspect.signature(cls.__init__).parameters[key].default
+        whole = isinstance(default, int) and not isinstance(default, bool)
+        if whole and not float(value).is_integer():
+            raise ValueError(f"{cls.name} parameter {key} must be a whole number, got {value!r}")
+        out[key] = int(value) if whole else float(value)
+    return out
 
 
 def _check_image_input(inputs: torch.Tensor) -> None:

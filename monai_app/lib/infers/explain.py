@@ -15,6 +15,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from xai_core.explain import get_explainer
+from xai_core.explain.base import check_method_params
 from xai_core.findings import build_findings
 from xai_core.pipeline import explain, write_explanation
 from xai_core.report import draft_report
@@ -68,8 +69,9 @@ class ExplainTask(XAIInferTask):
             progress(*RUNNING_STAGE.get(stage, (stage, fraction)))
 
         settings = self.runtime.settings
+        method_kwargs = check_method_params(get_explainer(method), data.get("method_params"))
         exp = explain(data[IMAGE_KEY], method, target=data.get("target"), model=model, progress=running,
-                      settings=settings)
+                      settings=settings, method_kwargs=method_kwargs)
         result_id, folder = self.runtime.results.create()
         write_explanation(exp, folder, overlay=False)
         result = {**self.base_json(data, result_id), **exp.summary()}
@@ -91,6 +93,10 @@ class ExplainTask(XAIInferTask):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         wants_report(params)
+        try:
+            check_method_params(get_explainer(self.method_for(params)), params.get("method_params"))
+        except ValueError as e:
+            raise BadInput(str(e)) from None
 
 
 class SaliencyMaskTask(ExplainTask):
