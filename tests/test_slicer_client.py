@@ -55,6 +55,7 @@ class FakeState:
         self.token = token
         self.job_api = job_api
         self.inline_report = inline_report  # False: findings and report are artifacts only
+        self.schema: dict | None = None  # served at GET /xai/schema when set
         self.info_delay = 0.0
         self.images: dict[str, Path] = {}
         self.labels: dict[tuple[str, str], list[tuple[bytes, dict]]] = {}
@@ -176,6 +177,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._send(200, enc.to_string(), enc.content_type)
         if path.startswith("/xai/") and not st.job_api:
             return self._json(404, {"detail": "Not Found"})  # a stock MONAI Label server
+        if method == "GET" and path == "/xai/schema":
+            return self._json(200, st.schema) if st.schema is not None else self._json(404, {"detail": "Not Found"})
         if method == "POST" and path.startswith("/xai/explain/"):
             task = unquote(path.split("/")[3])
             image_id = q.get("image", "")
@@ -619,6 +622,25 @@ def test_module_logic_explains_uploads_once_and_saves_a_label(server, monkeypatc
     finally:
         logic.cleanup()
     assert not logic.workdir.exists()
+
+
+def test_connect_reads_the_servers_result_schema(server, monkeypatch):
+    from XAIExplainLib.headless import headless_scene
+    from XAIExplainLib.schema import load_schema
+
+    mod = _load_module_with_slicer_shims(monkeypatch, headless_scene())
+    logic = mod.XAIExplainLogic()
+    try:
+        client = XAIClient(server.url)
+        info, problems = logic.serverInfo(client)
+        assert info["name"] == "fake-xai" and problems is None  # the server does not serve its schema
+        server.state.schema = copy.deepcopy(load_schema())
+        assert client.result_schema() == load_schema()
+        assert logic.serverInfo(client)[1] == []
+        server.state.schema["version"] = "3.0"
+        assert logic.serverInfo(client)[1] == ["the server's result schema is 3.0, the module reads 2.0"]
+    finally:
+        logic.cleanup()
 
 
 def test_module_self_test_runs_on_slicer_core(monkeypatch):

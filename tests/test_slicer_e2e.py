@@ -35,6 +35,7 @@ from XAIExplainLib import report  # noqa: E402
 from XAIExplainLib.client import ServerRefusedError, XAIClient  # noqa: E402
 from XAIExplainLib.headless import headless_scene  # noqa: E402
 from XAIExplainLib.jobs import ExplanationRun  # noqa: E402
+from XAIExplainLib.schema import server_schema_problems  # noqa: E402
 from XAIExplainLib.selftest import oblique_ijk_to_ras, synthetic_input  # noqa: E402
 
 SERVER_FILES = [ROOT / "monai_app" / "main.py", ROOT / "monai_app" / "asgi.py", ROOT / "tests" / "server_utils.py"]
@@ -200,6 +201,8 @@ def test_report_names_the_lesion_anatomy_with_the_shipped_model(shipped_server, 
     assert truth["geometry"] == "oblique" and truth["n_lesions"] == 1 and truth["hemisphere"] == "left"
     client = XAIClient(url)
     assert "gradcampp" in [t.name for t in client.explanation_tasks()]
+    served = client.result_schema()  # None until the server serves GET /xai/schema
+    assert served is None or server_schema_problems(served) == []
 
     # As a user would: the study file loaded by Slicer's reader, uploaded the way the module uploads.
     xs = headless_scene()

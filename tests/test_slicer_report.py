@@ -104,6 +104,21 @@ def test_reading_a_path_outside_reads_is_a_programming_error(result):
     assert schema.items({"findings": {"levels": None}}, "findings.levels") == []
 
 
+def test_the_servers_schema_is_compared_field_by_field():
+    served = copy.deepcopy(schema.load_schema())
+    assert schema.server_schema_problems(served) == []
+    served["$defs"]["Findings"]["properties"]["new_thing"] = {"type": "string"}  # additions do not matter
+    assert schema.server_schema_problems(served) == []
+    del served["$defs"]["MaskSummary"]["properties"]["levels_percent"]
+    del served["$defs"]["StructureInfo"]["properties"]["lobe"]
+    problems = schema.server_schema_problems(served)
+    assert [p.split(" (")[0] for p in problems] == ["mask.levels_percent is not in the server's schema",
+                                                    "findings.location.structures[].lobe is not in the server's schema"]
+    assert schema.server_schema_problems({"version": "3.1", "properties": {}}) == [
+        "the server's result schema is 3.1, the module reads 2.0"]
+    assert schema.server_schema_problems([]) == ["the server's schema is not a result schema document"]
+
+
 # ------------------------------------------------------------------------------------ names
 
 def test_level_and_mask_segments_are_named_by_percent_and_anatomy(result):

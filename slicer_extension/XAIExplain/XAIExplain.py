@@ -23,9 +23,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from XAIExplainLib import __version__, report
-from XAIExplainLib.client import VQA_TASK, XAIClient
+from XAIExplainLib.client import VQA_TASK, XAIClient, XAIClientError
 from XAIExplainLib.jobs import BackgroundCall, ExplanationRun, upload_image
 from XAIExplainLib.scene import XAIScene
+from XAIExplainLib.schema import server_schema_problems
 
 SETTINGS_URL_KEY = "XAIExplain/serverUrl"
 #: Parameter node key: ask for findings and report (``"true"``/``"false"``; default true).
@@ -85,6 +86,19 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
     # connection
     def makeClient(self, url, token):
         return XAIClient(url, token=token or None)
+
+    @staticmethod
+    def serverInfo(client):
+        """``(info, schema problems)``, for a worker thread: the server's tasks, and what this module
+        could not read in its replies by the schema it serves (``GET /xai/schema``): [] when it reads
+        them all, None when the server does not serve its schema."""
+        info = client.info()
+        try:
+            served = client.result_schema()
+        except XAIClientError as e:  # the tasks still work, and every reply is checked when it comes
+            logging.warning("could not read the server's result schema: %s", e)
+            served = None
+        return info, (None if served is None else server_schema_problems(served))
 
     def setConnection(self, client, info):
         self.client, self.info = client, info
@@ -332,7 +346,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverStatusLabel.text = str(e)
             return
         self.ui.serverStatusLabel.text = f"Connecting to {url} ..."
-        self.startCall(BackgroundCall(client.info, "connect"), lambda call: self.onConnected(client, call))
+        self.startCall(BackgroundCall(lambda: self.logic.serverInfo(client), "connect"),
+                       lambda call: self.onConnected(client, call))
 
     def onConnected(self, client, call):
         if call.error:
@@ -341,8 +356,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.methodComboBox.clear()
             return
         qt.QSettings().setValue(SETTINGS_URL_KEY, client.url)
-        self.logic.setConnection(client, call.value)
-        info = call.value
+        info, schemaProblems = call.value
+        self.logic.setConnection(client, info)
         self.ui.methodComboBox.clear()
         for task in self.logic.explanationTasks():
             label = task.name + (f" ({task.type})" if task.type != "explanation" else "")
@@ -354,6 +369,9 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.serverStatusLabel.text = (f"Connected to {info.get('name') or 'server'} at {client.url}: "
                                           f"{n} explanation method(s)." if n else
                                           f"Connected to {client.url}, but it offers no explanation task.")
+        if schemaProblems:
+            self.ui.serverStatusLabel.text += (" Warning: this module cannot read every reply of this server ("
+                                               + "; ".join(schemaProblems[:3]) + "): update the module.")
         if self.logic.hasVqa():
             self.ui.vqaStatusLabel.text = "Ask a question about the selected volume."
         else:

@@ -358,6 +358,20 @@ class XAIClient:
             self._info = dict(info)
         return self._info
 
+    def result_schema(self) -> dict[str, Any] | None:
+        """``GET /xai/schema``: the JSON Schema of the server's replies; None from a server that does not
+        serve it (404: an older server, or a stock MONAI Label)."""
+        try:
+            r = self.request("GET", "/xai/schema")
+        except ServerRefusedError as e:
+            if e.status == 404 and not isinstance(e, AuthenticationError):
+                return None
+            raise
+        body = self._json(r, "GET /xai/schema")
+        if not isinstance(body, Mapping):
+            raise ProtocolError("GET /xai/schema did not answer a JSON object")
+        return dict(body)
+
     def tasks(self, info: Mapping[str, Any] | None = None) -> list[TaskInfo]:
         """Every task the server offers, in the server's order."""
         info = info if info is not None else self.info(refresh=self._info is None)

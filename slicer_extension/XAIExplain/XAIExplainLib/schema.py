@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["READS", "ReplyError", "SCHEMA_PATH", "check_reply", "field_schema", "get", "items", "load_schema",
-           "require_reply", "schema_version"]
+           "require_reply", "schema_version", "server_schema_problems"]
 
 # Installed next to the other resources of the scripted-modules folder (shared by every module there,
 # hence a name of its own); the same layout as in the source tree.
@@ -78,30 +78,32 @@ def schema_version() -> str:
     return str(load_schema().get("version", "?"))
 
 
-def _resolve(node: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Follow ``$ref`` (local ``#/$defs/...`` only, which is all pydantic writes)."""
+def _resolve(node: Mapping[str, Any], doc: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    """Follow ``$ref`` in ``doc`` (default: the bundled schema); local ``#/$defs/...`` only, which is
+    all pydantic writes."""
     while "$ref" in node:
         ref = node["$ref"]
         if not ref.startswith("#/"):
             raise KeyError(f"schema reference {ref!r} is not local")
-        target: Any = load_schema()
+        target: Any = doc if doc is not None else load_schema()
         for part in ref[2:].split("/"):
             target = target[part]
         node = target
     return node
 
 
-def _branches(node: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def _branches(node: Mapping[str, Any], doc: Mapping[str, Any] | None = None) -> list[Mapping[str, Any]]:
     """The alternatives of a node (``anyOf``), each resolved; a plain node is its own one branch."""
-    node = _resolve(node)
-    return [_resolve(b) for b in node["anyOf"]] if "anyOf" in node else [node]
+    node = _resolve(node, doc)
+    return [_resolve(b, doc) for b in node["anyOf"]] if "anyOf" in node else [node]
 
 
-def _container(node: Mapping[str, Any], want: str) -> Mapping[str, Any]:
+def _container(node: Mapping[str, Any], want: str, doc: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
     """The one non-null branch of ``node`` of JSON type ``want`` (``object`` or ``array``)."""
-    found = [b for b in _branches(node) if b.get("type") == want or (want == "object" and "properties" in b)]
+    branches = _branches(node, doc)
+    found = [b for b in branches if b.get("type") == want or (want == "object" and "properties" in b)]
     if len(found) != 1:
-        raise KeyError(f"schema node is not one {want}: {sorted(b.get('type', '?') for b in _branches(node))}")
+        raise KeyError(f"schema node is not one {want}: {sorted(b.get('type', '?') for b in branches)}")
     return found[0]
 
 
@@ -116,24 +118,49 @@ def _steps(path: str) -> list[str]:
     return out
 
 
-def field_schema(path: str, kind: str = "explanation") -> tuple[Mapping[str, Any], bool]:
-    """``(schema node, required)`` of ``path`` in reply type ``kind``; KeyError when the schema lacks it.
+def field_schema(path: str, kind: str = "explanation",
+                 doc: Mapping[str, Any] | None = None) -> tuple[Mapping[str, Any], bool]:
+    """``(schema node, required)`` of ``path`` in reply type ``kind`` of ``doc`` (default: the bundled
+    schema); KeyError when the schema lacks it.
 
     ``required``: the field's object lists it in ``required`` (an item step ``[]`` is never optional
     by itself)."""
-    node: Mapping[str, Any] = load_schema()["properties"][kind]
+    doc = doc if doc is not None else load_schema()
+    node: Mapping[str, Any] = doc["properties"][kind]
     required = True
     for step in _steps(path):
         if step == "[]":
-            node = _container(node, "array")["items"]
+            node = _container(node, "array", doc)["items"]
             continue
-        obj = _container(node, "object")
+        obj = _container(node, "object", doc)
         props = obj.get("properties", {})
         if step not in props:
             raise KeyError(f"{path}: the result schema has no field {step!r} here (fields: {sorted(props)})")
         required = step in obj.get("required", ())
         node = props[step]
     return node, required
+
+
+def server_schema_problems(server_schema: Any) -> list[str]:
+    """What the module could not read in replies of the server's schema (``GET /xai/schema``): another
+    major version, or a field of :data:`READS` the server's schema lacks. [] when the module reads
+    that server's replies (its schema may add fields: they are ignored)."""
+    if not isinstance(server_schema, Mapping) or not isinstance(server_schema.get("properties"), Mapping):
+        return ["the server's schema is not a result schema document"]
+    theirs, ours = str(server_schema.get("version", "?")), schema_version()
+    if theirs.split(".")[0] != ours.split(".")[0]:
+        return [f"the server's result schema is {theirs}, the module reads {ours}"]
+    problems = []
+    for kind, paths in READS.items():
+        if kind not in server_schema["properties"]:
+            problems.append(f"the server's schema has no {kind} reply")
+            continue
+        for path in paths:
+            try:
+                field_schema(path, kind, server_schema)
+            except (KeyError, TypeError) as e:
+                problems.append(f"{path} is not in the server's schema ({e.args[0] if e.args else e})")
+    return problems
 
 
 def _fits(value: Any, node: Mapping[str, Any], depth: int = 0) -> bool:
