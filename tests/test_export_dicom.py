@@ -10,6 +10,8 @@ each frame equal the slice of the volume at that source image (exactly, float32 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pydicom
 import pytest
@@ -101,6 +103,23 @@ def _assert_references(obj, by_uid) -> None:
     assert obj.SeriesInstanceUID != src.SeriesInstanceUID
 
 
+def _assert_reader_volume(obj, nk: int) -> None:
+    """The check that failed in dcmqi issue 430 (an oblique highdicom SEG that Slicer could not
+    load): a reader builds one volume from the frames' orientation, pixel spacing and spacing between
+    slices, origin at the lowest frame; every frame must then fall exactly on one of its slices."""
+    pos = np.asarray([_frame_geometry(obj, n)[0] for n in range(int(obj.NumberOfFrames))])
+    ori = _frame_geometry(obj, 0)[1]
+    row, col = ori[:3], ori[3:]
+    normal = np.cross(row, col)
+    step = float(obj.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SpacingBetweenSlices)
+    d = pos - pos[np.argmin(pos @ normal)]
+    np.testing.assert_allclose(d @ row, 0.0, atol=TOL_MM)
+    np.testing.assert_allclose(d @ col, 0.0, atol=TOL_MM)
+    k = d @ normal / step
+    np.testing.assert_allclose(k, np.round(k), atol=1e-4)
+    assert set(np.round(k).astype(int)) == set(range(nk))
+
+
 def _codes(seq) -> set[tuple[str, str]]:
     return {(c.CodingSchemeDesignator, c.CodeValue) for c in seq}
 
@@ -157,6 +176,7 @@ def test_levels_seg_reads_back_frame_aligned(series, tmp_path):
         seg_no = int(pf.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         seen.add((uid, seg_no))
     assert seen == {(u, s) for u in by_uid for s in (1, 2, 3)}
+    _assert_reader_volume(ds, nk)
 
     # Pixels, through highdicom's reader: frame for source image k == levels[k] >= n.
     seg = hd.seg.segread(out)
@@ -182,6 +202,13 @@ def test_levels_seg_reads_back_frame_aligned(series, tmp_path):
     assert [i.SegmentLabel for i in ds.SegmentSequence] == ["Saliency top 50 %", "Saliency top 25 %",
                                                             "Saliency top 10 %"]
     assert ds.ContentLabel == "LEVELS" and ds.DeviceSerialNumber == "0123456789abcdef"
+
+
+def test_long_labels_are_cut_at_a_word_boundary():
+    label = "Saliency top 5 % - left inferior temporal gyrus posterior division"  # 66 characters
+    assert X._lo(label) == "Saliency top 5 % - left inferior temporal gyrus posterior"
+    assert X._lo("x" * 70) == "x" * 64 and X._lo("a " + "x" * 70) == ("a " + "x" * 70)[:64]
+    assert X._lo("left insula \u2013 top 5 %") == "left insula ? top 5 %"  # ASCII only: no character set needed
 
 
 def test_seg_refuses_a_float_map(series, tmp_path):
@@ -245,6 +272,7 @@ def test_parametric_map_round_trips_the_saliency(series, tmp_path):
         value = frames[n] * float(m.RealWorldValueSlope) + float(m.RealWorldValueIntercept)
         np.testing.assert_array_equal(value.astype(np.float32), sal.array[k])
     assert matched == set(range(image.size[2]))
+    _assert_reader_volume(ds, image.size[2])
     m = (ds.PerFrameFunctionalGroupsSequence[0].get("RealWorldValueMappingSequence")
          or ds.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence)[0]
     q = m.QuantityDefinitionSequence[0]
@@ -286,7 +314,8 @@ def test_write_dicom_outputs_for_an_explanation(head_series, default_model, tmp_
     exp = explain(image, "gradcam", model=default_model)
     findings = {"location": {"top_structure": "Right_Putamen"},
                 "levels": [{"level": 4, "top_structure": "Left_Hippocampus"}]}
-    files = X.write_dicom_outputs(exp, None, tmp_path, findings=findings)  # source from exp.image.source
+    (tmp_path / "findings.json").write_text(json.dumps(findings))  # as xai explain --report writes it
+    files = X.write_dicom_outputs(exp, None, tmp_path, findings=tmp_path / "findings.json")  # source: exp.image
     assert {k: v.name for k, v in files.items()} == {"mask_seg": "mask.seg.dcm", "levels_seg": "levels.seg.dcm",
                                                      "saliency_pm": "saliency.pm.dcm"}
     lesion = C.lesion_type_code(exp.targets[0])

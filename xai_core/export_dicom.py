@@ -115,8 +115,14 @@ class AlgorithmInfo:
 
 
 def _lo(text: str, n: int = 64) -> str:
-    """A DICOM LO value: ASCII (no Specific Character Set is needed), at most ``n`` characters."""
-    return text.encode("ascii", "replace").decode("ascii")[:n]
+    """A DICOM LO value: ASCII (no Specific Character Set is needed), at most ``n`` characters, cut
+    at a word boundary when it is longer (a segment label ending in half a word reads as a typo)."""
+    text = text.encode("ascii", "replace").decode("ascii")
+    if len(text) <= n:
+        return text
+    head = text[:n + 1]
+    cut = head.rsplit(" ", 1)[0].rstrip(" -") if " " in head else ""
+    return cut if len(cut) >= n // 2 else text[:n]  # a first word that long: cut it instead
 
 
 # --- the source series -------------------------------------------------------------------------
@@ -380,7 +386,7 @@ def write_dicom_outputs(exp: Explanation, source: str | os.PathLike | Sequence[p
 
     algo = algorithm_of(exp)
     target = exp.targets[0]
-    title = exp.title or exp.method
+    title = (exp.title or exp.method).split(" (")[0]  # "Grad-CAM++", without the reference in brackets
     files = {}
     files["mask_seg"] = write_seg(
         exp.mask_image(), datasets, out / "mask.seg.dcm", algorithm=algo, series_number=SERIES_NUMBERS["mask"],
