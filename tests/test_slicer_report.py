@@ -130,9 +130,9 @@ def test_level_and_mask_segments_are_named_by_percent_and_anatomy(result):
 
 def test_structure_names_come_from_labels_else_from_the_atlas_name(result):
     assert report.structure_name(result, "Left_Insular_Cortex") == "Left insular cortex"
-    # Not in the mask's structure list (a level's own top structure): underscores become spaces.
+    # Not in the mask's structure list (a level's own top structure): spaces, lower case like the labels.
     result["findings"]["levels"][0]["top_structure"] = "Right_Frontal_Pole"
-    assert report.level_segment_names(result, 4)[0] == "Saliency top 20 % – Right Frontal Pole"
+    assert report.level_segment_names(result, 4)[0] == "Saliency top 20 % – Right frontal pole"
 
 
 def test_without_findings_names_carry_the_level_percent_only(bare):

@@ -59,13 +59,14 @@ def _sentence_case(text: str) -> str:
 
 def structure_name(result: Mapping[str, Any], name: str) -> str:
     """Readable name of Harvard-Oxford structure ``name``: its ``label`` in the findings' structure
-    list ("left insular cortex"), else the name with spaces; first letter capitalised."""
+    list ("left insular cortex"), else the name with spaces, in lower case like the labels (a level's
+    top structure need not be among the mask's structures); first letter capitalised."""
     for s in items(result, "findings.location.structures"):
         if get(s, "findings.location.structures[].name") == name:
             label = get(s, "findings.location.structures[].label")
             if label:
                 return _sentence_case(str(label))
-    return _sentence_case(" ".join(str(name).replace("_", " ").split()))
+    return _sentence_case(" ".join(str(name).replace("_", " ").split()).lower())
 
 
 def _fmt_pct(p: float) -> str:
