@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
             att = model.explainer(method, **params).attribute(inputs.inputs, target=[[target]])
             seconds = time.perf_counter() - t0
             rec = {"study_id": r["study_id"], "label": r["label"], "method": method, "layer": layer,
-                   "stdev_fraction": frac, "seconds": seconds,
+                   "stdev_fraction": frac, "n_samples": params.get("n_samples"), "n_steps": params.get("n_steps"),
+                   "seconds": seconds,
                    "delta": float(att.delta[0, 0]) if att.delta is not None else None,
                    **{d: score(att.raw[0], d, model, inputs, image, truth, fg, cfg) for d in displays}}
             with a.jsonl.open("a") as f:

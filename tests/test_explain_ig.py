@@ -128,6 +128,15 @@ def test_ig_delta_is_small_on_a_smooth_model_and_equals_captum():
     assert rel_l2(att.raw[0][:, 0], ref) < 1e-4
 
 
+def test_ig_on_a_bound_method_runs_its_module_in_eval_mode():
+    net = small_net(gate=False).train()
+    x = volume((1, 1, 16, 16, 16))
+    att = IntegratedGradients(net.classify, n_steps=2).attribute(x, target=0)
+    assert all(m.training for m in net.modules())  # each module's mode restored
+    ref = IntegratedGradients(net.eval().classify, n_steps=2).attribute(x, target=0)
+    torch.testing.assert_close(att.raw[0], ref.raw[0])
+
+
 def test_ig_multiple_inputs_and_additional_args():
     # F(x, y; s) = s * (sum x + 2 sum y): IG splits the change between the two inputs exactly.
     f = lambda x, y, s: s * (x.flatten(1).sum(1, keepdim=True) + 2 * y.flatten(1).sum(1, keepdim=True))  # noqa: E731

@@ -33,7 +33,6 @@ results here equal captum's at equal settings and noise (``tests/test_explain_ig
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -54,7 +53,7 @@ from .base import (
     require_module,
     upsample,
 )
-from .noise_tunnel import NoiseTunnel, NoiseType
+from .noise_tunnel import NoiseTunnel, NoiseType, owner_eval_mode
 from .targets import Target, resolve_targets
 
 __all__ = ["IntegratedGradients", "LayerIntegratedGradients", "RELIG", "quadrature"]
@@ -152,6 +151,7 @@ class IntegratedGradients(Explainer):
     model_kinds = PATH_MODEL_KINDS
     needs = "gradients"
     display = "absolute"
+    param_bounds = {"n_steps": (2, 256)}
 
     def __init__(self, forward_func: nn.Module | ForwardFunc, *, baseline: Baseline = 0.0, n_steps: int = 32,
                  method: str = "gausslegendre", internal_batch_size: int | None = 8,
@@ -168,8 +168,7 @@ class IntegratedGradients(Explainer):
         b = x[0].shape[0]
         base = tuple(t.expand_as(xi) for t, xi in zip(_baselines(self.baseline, x), x, strict=True))
         diff = tuple(xi - bi for xi, bi in zip(x, base, strict=True))
-        mode = eval_mode(self.model) if self.model is not None else contextlib.nullcontext()
-        with mode:
+        with owner_eval_mode(self.forward_func):
             with torch.no_grad():
                 logits = self.logits(x, args)
                 targets = resolve_targets(target, logits)
@@ -415,6 +414,7 @@ class RELIG(NoiseTunnel):
     model_kinds = PATH_MODEL_KINDS
     needs = "gradients"
     display = "absolute"
+    param_bounds = {"n_samples": (1, 64), "n_steps": (2, 128), "stdev_fraction": (0.0, 0.5)}
 
     def __init__(self, model: nn.Module, *, layer: LayerSpec = None, n_samples: int = 8,
                  stdev_fraction: float = 0.1, seed: int = 0, n_steps: int = 16, method: str = "gausslegendre",

@@ -25,17 +25,27 @@ Targets are resolved once on the clean input (the predicted class of the image, 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
 from .base import Attribution, Display, Explainer, Needs, Ticker, eval_mode
 from .targets import Target, resolve_targets
 
-__all__ = ["NoiseTunnel", "NoiseType", "NOISE_TYPES"]
+__all__ = ["NoiseTunnel", "NoiseType", "NOISE_TYPES", "owner_eval_mode"]
 
 NoiseType = Literal["smoothgrad", "smoothgrad_sq", "vargrad"]
 NOISE_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
+
+
+def owner_eval_mode(forward_func: Any) -> contextlib.AbstractContextManager[Any]:
+    """Eval mode for the module behind ``forward_func``: the module itself or, for a bound method
+    such as ``net.classify``, its owner (dropout off, batch-norm running statistics); a plain
+    function runs as it is."""
+    owner = forward_func if isinstance(forward_func, nn.Module) else getattr(forward_func, "__self__", None)
+    return eval_mode(owner) if isinstance(owner, nn.Module) else contextlib.nullcontext()
 
 
 def _sub_ticker(tick: Ticker, lo: float, hi: float) -> Ticker:
@@ -133,10 +143,7 @@ class NoiseTunnel(Explainer):
             raise TypeError("the noise tunnel adds Gaussian noise to input 0, which must be floating point")
         b = x0.shape[0]
         with torch.no_grad():
-            if self.model is not None:
-                with eval_mode(self.model):
-                    logits = self.logits(x, args)
-            else:
+            with owner_eval_mode(self.forward_func):
                 logits = self.logits(x, args)
         targets = resolve_targets(target, logits)
         flat = x0.float().flatten(1)
