@@ -20,6 +20,10 @@ from pathlib import Path
 from xai_core.io import ImageError, read_image, write_image
 from xai_core.settings import REPO_ROOT, get_settings
 
+# lib.options.STATE_DIR and AppOptions.dicom_dir: lib is MONAI Label's top-level package, which this
+# launcher does not import.
+STATE_DIR = ".xai"
+
 APP_DIR = Path(__file__).resolve().parent
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm")
 COPY_AS_IS = (".nii.gz", ".nii")
@@ -69,6 +73,12 @@ def prepare_datastore(src: Path, dst: Path, log=print) -> list[str]:
                 os.replace(tmp, dst / f"{sid}{suffix}")
             else:
                 write_image(read_image(path), dst / f"{sid}.nii.gz")
+                if path.is_dir():
+                    # The series' own files, so that results and labels of this study can go back to
+                    # PACS as DICOM SEG / Parametric Map referencing its instances (docs/dicom.md).
+                    keep = dst / STATE_DIR / "dicom" / sid
+                    shutil.rmtree(keep, ignore_errors=True)
+                    shutil.copytree(path, keep)
         except ImageError as e:
             log(f"  skipped {path}: {e.problem}")
             continue

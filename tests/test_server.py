@@ -487,3 +487,38 @@ def test_finetune_writes_versioned_weights_and_never_touches_the_shipped_ones(se
     assert encoder and all(torch.equal(base[k], tuned[k]) for k in encoder)
     assert any(not torch.equal(base[k], tuned[k]) for k in base if k.startswith("seg_head."))
     assert server.get("/info/").json()["train_stats"]["seg_head_finetune"]["latest"] == card["name"]
+
+
+def test_dicom_study_gives_seg_and_parametric_map_and_its_label_exports_as_seg(server, studies, tmp_path):
+    """A study that came as a DICOM series: every explanation also carries DICOM SEG (mask, levels) and a
+    Parametric Map referencing the series' instances, and a stored label downloads as DICOM SEG."""
+    import pydicom
+
+    src = studies["_src"] / "dicom_series"
+    source_uids = {pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in sorted(src.iterdir())}
+    result = server.post("/infer/gradcampp", params={"image": "dicom_series", "output": "json"}, json={}).json()
+    assert {"mask_seg", "levels_seg", "saliency_pm"} <= set(result["artifacts"]), result["artifacts"]
+    for name, modality in (("mask_seg", "SEG"), ("levels_seg", "SEG"), ("saliency_pm", "MR")):
+        r = server.get(result["artifacts"][name])
+        assert r.status_code == 200 and r.headers["content-type"] == "application/dicom"
+        ds = pydicom.dcmread(io.BytesIO(r.content))
+        assert ds.Modality == modality or name == "saliency_pm"
+        refs = {src.ReferencedSOPInstanceUID for f in ds.PerFrameFunctionalGroupsSequence
+                for d in f.get("DerivationImageSequence", []) for src in d.get("SourceImageSequence", [])}
+        refs |= {r.ReferencedSOPInstanceUID for s in ds.get("ReferencedSeriesSequence", [])
+                 for r in s.get("ReferencedInstanceSequence", [])}
+        assert refs and refs <= source_uids, name
+    # A NIfTI study has no series to reference.
+    plain = server.post("/infer/gradcam", params={"image": "axial", "output": "json"}, json={}).json()
+    assert "mask_seg" not in plain["artifacts"]
+
+    label = label_bytes(datastore_image(server, "dicom_series"), 7, tmp_path)
+    r = server.put("/datastore/label", params={"image": "dicom_series", "tag": "seg"},
+                   files={"label": ("l.nii.gz", label)},
+                   data={"params": json.dumps({"result_id": result["result_id"]})})
+    assert r.status_code == 200, r.text
+    seg = server.get("/xai/labels/dicom_series/seg/seg")
+    assert seg.status_code == 200, seg.text
+    ds = pydicom.dcmread(io.BytesIO(seg.content))
+    assert ds.Modality == "SEG" and ds.SegmentSequence[0].SegmentAlgorithmType == "SEMIAUTOMATIC"
+    assert server.get("/xai/labels/axial/corrected/seg").status_code == 404

@@ -80,3 +80,29 @@ def test_each_model_runs_its_own_weights(server):
                       json={"target": "²"})
     assert bad.status_code == 422 and "unknown target" in bad.json()["detail"]
     assert server.get("/info/").status_code == 200
+
+
+def test_relig_job_reports_progress_and_cancels_mid_attribution(server):
+    """A long RE-LIG (bounded method_params make it long on purpose) reports its progress inside the
+    attribution stage, and a cancel stops it there, not at the end."""
+    import time
+
+    bad = server.post("/xai/explain/relig", params={"image": "case"}, json={"method_params": {"n_samples": 500}})
+    assert bad.status_code == 422 and "n_samples must be a number in [1, 64]" in bad.json()["detail"]
+    job = server.post("/xai/explain/relig", params={"image": "case"},
+                      json={"method_params": {"n_samples": 64, "n_steps": 128}}).json()["job_id"]
+    seen, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = server.get(f"/xai/jobs/{job}").json()
+        seen.append((state["stage"], state["progress"]))
+        if state["stage"] == "attribute" and 0.2 < state["progress"] < 0.7:
+            break
+        assert state["status"] in ("queued", "running"), state
+        time.sleep(0.05)
+    assert any(s == "attribute" and 0.2 < p < 0.7 for s, p in seen), seen
+    t = time.monotonic()
+    server.delete(f"/xai/jobs/{job}")
+    while server.get(f"/xai/jobs/{job}").json()["status"] == "running" and time.monotonic() - t < 60:
+        time.sleep(0.05)
+    final = server.get(f"/xai/jobs/{job}").json()
+    assert final["status"] == "cancelled" and final["progress"] < 0.7

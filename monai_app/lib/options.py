@@ -50,6 +50,12 @@ class AppOptions:
     def state_dir(self) -> Path:
         return self.studies / STATE_DIR
 
+    @property
+    def dicom_dir(self) -> Path:
+        """``<id>/``: the DICOM series a study was converted from (``xai serve`` keeps it), for SEG and
+        Parametric Map output."""
+        return self.state_dir / "dicom"
+
     @classmethod
     def from_conf(cls, conf: Mapping[str, str] | None, studies: str | Path) -> AppOptions:
         conf = dict(conf or {})

@@ -22,6 +22,12 @@ FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.(nii\.gz|json|md|dcm
 URL_PREFIX = "/xai/results"
 
 
+def artifact_name(file_name: str) -> str:
+    """``saliency.nii.gz`` -> ``saliency``, ``mask.seg.dcm`` -> ``mask_seg``, ``saliency.pm.dcm`` -> ``saliency_pm``."""
+    parts = file_name.split(".")
+    return "_".join(parts[:2]) if file_name.endswith(".dcm") and len(parts) > 2 else parts[0]
+
+
 class ResultStore:
     def __init__(self, root: Path, keep: int = 200):
         self.root = Path(root)
@@ -49,7 +55,7 @@ class ResultStore:
         out = {}
         for p in sorted((self.root / result_id).iterdir()):
             if FILE_NAME.match(p.name):
-                out[p.name.split(".")[0]] = f"{URL_PREFIX}/{result_id}/{p.name}"
+                out[artifact_name(p.name)] = f"{URL_PREFIX}/{result_id}/{p.name}"
         out.setdefault("result", f"{URL_PREFIX}/{result_id}/result.json")
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,50 @@ class XAIRuntime:
         rid = client_params.get("result_id")
         result = self.results.read_json(rid) if isinstance(rid, str) and rid else None
         return provenance.stamp(client_params, image_id=image_id, result=result, user=user, auth=auth)
+
+    def dicom_source(self, image_id: str | None) -> Path | None:
+        """The DICOM series folder a datastore study was converted from, when ``xai serve`` kept it."""
+        if not image_id:
+            return None
+        folder = self.options.dicom_dir / image_id
+        # The id passed the id guard; the check keeps a crafted id from leaving the folder all the same.
+        if folder.resolve().parent != self.options.dicom_dir.resolve() or not folder.is_dir():
+            return None
+        return folder
+
+    def label_as_seg(self, image_id: str, data: bytes, name: str, info: dict[str, Any]) -> Path:
+        """A stored label (its verified bytes and info) as a DICOM SEG on its study's source series,
+        coded from the label's provenance and the findings of the result it corrects."""
+        import tempfile
+
+        import SimpleITK as sitk
+
+        from xai_core.export_dicom import export_label
+        from xai_core.io import Image
+
+        from .errors import BadInput, NotFound
+
+        series = self.dicom_source(image_id)
+        if series is None:
+            raise NotFound(f"image {image_id!r} did not come from a DICOM series: there is no series to "
+                           "reference (SEG export needs the study's DICOM source)")
+        result = self.results.read_json(info["result_id"]) if info.get("result_id") else None
+        findings = (result or {}).get("findings") or {}
+        suffix = ".nii.gz" if name.endswith(".gz") else "".join(Path(name).suffixes)
+        out_dir = Path(tempfile.mkdtemp(dir=self.options.state_dir, prefix="seg-"))
+        src = out_dir / f"label{suffix}"
+        src.write_bytes(data)
+        label = Image.from_sitk(sitk.ReadImage(str(src)))
+        if not label.array.any():
+            raise BadInput(f"label of image {image_id!r} is empty: a DICOM SEG needs at least one segment")
+        return export_label(
+            label, series, out_dir / "label.seg.dcm", label_class=(info.get("targets") or ["none"])[0],
+            method=info.get("method") or "manual", model=info.get("model_name") or self.options.model,
+            model_version=info.get("model_version") or "unknown",
+            weights_sha256=info.get("model_weights_sha256") or "",
+            structure=(findings.get("location") or {}).get("top_structure"),
+            corrected=info.get("source") == "corrected_saliency",
+            parameters={k: str(info[k]) for k in ("result_id", "saved_at", "version") if info.get(k) is not None})
 
     def bind(self, infer: InferFn) -> None:
         """Give the job manager the app's ``infer`` (MONAI Label's request path)."""

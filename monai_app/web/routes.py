@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -260,6 +261,18 @@ async def get_label(label: str = "", tag: str = "final"):
     data, name, _ = await run_in_threadpool(_app().datastore().read_label, label, tag)
     return Response(content=data, media_type="application/gzip" if name.endswith(".gz") else "application/octet-stream",
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@router.get("/xai/labels/{image}/{tag}/seg", summary="The current label as DICOM SEG (studies from a DICOM series)")
+async def label_seg(image: str, tag: str, background_tasks: BackgroundTasks):
+    _check_path_id(image, "image")
+    _check_path_id(tag, "tag")
+    app = _app()
+    data, name, info = await run_in_threadpool(app.datastore().read_label, image, tag)
+    path = await _in_worker(app, app.xai.label_as_seg, image, data, name, info)
+    background_tasks.add_task(shutil.rmtree, path.parent, True)
+    return FileResponse(path, media_type="application/dicom", filename=f"{image}_{tag}.seg.dcm",
+                        background=background_tasks)
 
 
 @router.get("/xai/labels/{image}/{tag}/versions", summary="Current and earlier versions of a label")

@@ -16,12 +16,14 @@ from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from xai_core.explain import get_explainer
 from xai_core.explain.base import check_method_params
+from xai_core.export_dicom import write_dicom_outputs
 from xai_core.findings import build_findings
 from xai_core.pipeline import explain, write_explanation
 from xai_core.report import draft_report
 from xai_core.schema import ExplanationResult
 
 from ..errors import BadInput
+from ..jobs import IMAGE_ID_KEY
 from ..runtime import XAIRuntime
 from .base import IMAGE_KEY, Progress, XAIInferTask
 
@@ -87,6 +89,14 @@ class ExplainTask(XAIInferTask):
             (folder / "report.md").write_text(report)
             result.update(findings=findings, report=report)
             result["timings_s"]["report"] = round(time.perf_counter() - t, 4)
+        series = self.runtime.dicom_source(data.get(IMAGE_ID_KEY))
+        if series is not None:
+            t = time.perf_counter()
+            # Anatomy for the segment codes from the findings when asked for; else the brain (no
+            # registration is paid for a request that did not want anatomy).
+            write_dicom_outputs(exp, series, folder, findings=result.get("findings"),
+                                anatomy=result.get("findings") is not None, settings=settings)
+            result["timings_s"]["dicom"] = round(time.perf_counter() - t, 4)
         self.finish(data, result_id, ExplanationResult.model_validate(result).model_dump(mode="json"),
                     self.response_artifact)
 
