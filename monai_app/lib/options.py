@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from xai_core.settings import get_settings
+from xai_core.settings import Settings
 
 # Server state that is not a study lives in this hidden folder of the datastore, which MONAI Label's
 # local datastore does not list (it lists top-level image files only).
@@ -59,7 +59,7 @@ class AppOptions:
     @classmethod
     def from_conf(cls, conf: Mapping[str, str] | None, studies: str | Path) -> AppOptions:
         conf = dict(conf or {})
-        s = get_settings()
+        s = Settings()
         studies = Path(studies)
         max_mb = float(conf.get("max_upload_mb", s.max_upload_mb))
         if max_mb <= 0:

@@ -22,7 +22,7 @@ from monai.losses import DiceCELoss
 
 from xai_core.io import Image
 from xai_core.models import LesionModel, sha256
-from xai_core.settings import get_settings
+from xai_core.settings import Settings
 
 DECODER_PREFIXES = ("dec2.", "dec1.", "seg_head.")
 
@@ -72,10 +72,11 @@ def finetune_segmentation_head(model: LesionModel, pairs: Sequence[tuple[Image, 
     return losses
 
 
-def save_finetuned(model: LesionModel, out_dir: Path, training: dict[str, Any]) -> Path:
+def save_finetuned(model: LesionModel, out_dir: Path, training: dict[str, Any],
+                   settings: Settings | None = None) -> Path:
     """Write ``<name>-ft-<timestamp>.pt`` and its card into ``out_dir``; returns the card path."""
     out_dir = Path(out_dir).resolve()
-    shipped = Path(get_settings().weights_dir).resolve()
+    shipped = Path((settings or Settings()).weights_dir).resolve()
     if out_dir == shipped or shipped in out_dir.parents:
         raise ValueError(f"refusing to write fine-tuned weights into the shipped weights folder {shipped}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from xai_core.io import Image, read_image
 from xai_core.models import load
-from xai_core.settings import get_settings, resolve_device
+from xai_core.settings import Settings, resolve_device
 
 from ..errors import BadInput
 from .finetune import DECODER_PREFIXES, finetune_segmentation_head, save_finetuned
@@ -30,18 +30,19 @@ log = logging.getLogger("xai.train")
 
 
 class SegHeadFinetuneTask(TrainTask):
-    def __init__(self, model: str, device: str):
+    def __init__(self, model: str, device: str, settings: Settings | None = None):
         super().__init__("Fine-tune the segmentation head (encoder frozen) on stored labels; "
                          "writes <model>-ft-<timestamp> weights into the user weights folder")
         self.model = model
         self.device = device
+        self.settings = settings or Settings()
 
     def config(self) -> dict[str, Any]:
         return {"tag": "final", "iterations": 20, "lr": 0.001, "max_images": 50}
 
     def stats(self) -> dict[str, Any]:
         """The newest fine-tuned model of this base (cheap: file names only)."""
-        out = Path(get_settings().user_weights_dir)
+        out = Path(self.settings.user_weights_dir)
         cards = sorted(glob.glob(str(out / f"{glob.escape(self.model)}-ft-*.json")))
         return {"latest": Path(cards[-1]).stem if cards else None, "count": len(cards)}
 
@@ -95,10 +96,10 @@ class SegHeadFinetuneTask(TrainTask):
                 break
         if not pairs:
             raise BadInput(f"no usable stored labels with tag {tag!r} to fine-tune on")
-        model = load(self.model, device=resolve_device(self.device))
+        model = load(self.model, device=resolve_device(self.device), settings=self.settings)
         log.info("fine-tuning %s on %d labelled images, %d iterations", self.model, len(pairs), iterations)
         losses = finetune_segmentation_head(model, pairs, iterations=iterations, lr=lr)
-        card = save_finetuned(model, Path(get_settings().user_weights_dir), {
+        card = save_finetuned(model, Path(self.settings.user_weights_dir), settings=self.settings, training={
             "kind": "segmentation-head fine-tune", "trainable_prefixes": list(DECODER_PREFIXES),
             "labels": used, "iterations": iterations, "lr": lr, "losses": losses,
             "device": str(model.device), "seconds": round(time.time() - t0, 2)})
