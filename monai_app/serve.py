@@ -97,7 +97,7 @@ def examples(url: str, image_id: str, token: bool) -> str:
         f"  curl -s{auth} -X POST '{url}/xai/explain/scorecam?image={image_id}'    # -> job_id",
         f"  curl -s{auth} {url}/xai/jobs/JOB_ID                                  # status, progress, result",
         f"  curl -s{auth} -X PUT '{url}/datastore/label?image={image_id}&tag=final' -F label=@mask.nii.gz "
-        "-F 'params={\"source\": \"corrected_saliency\", \"result_id\": \"RESULT_ID\", \"user\": \"me\"}'",
+        "-F 'params={\"result_id\": \"RESULT_ID\"}'",
     ])
 
 
