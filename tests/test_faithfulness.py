@@ -198,8 +198,10 @@ def test_default_model_gradcam_beats_a_random_ranking(default_model, heldout_stu
     res = faithfulness(default_model, inputs, att.maps[0, 0], target, settings=cfg, fill="mean",
                        curves=["deletion_morf", "deletion_lerf"])
     noise = torch.rand(att.maps.shape[2:], generator=torch.Generator().manual_seed(0))
-    rnd = faithfulness(default_model, inputs, noise, target, settings=cfg, fill="mean", curves=["deletion_morf"])
+    rnd = faithfulness(default_model, inputs, noise, target, settings=cfg, fill="mean",
+                       curves=["deletion_morf", "deletion_lerf"])
     morf = res.curves["deletion_morf"].scores
     assert morf[0] > 0.9 and morf[1] < 0.1  # the top tenth of the cubes holds the evidence
-    assert res.summary()["auc_deletion_morf"] < rnd.summary()["auc_deletion_morf"] - 0.2
-    assert res.summary()["abpc"] > 0.5
+    assert res.summary()["auc_deletion_morf"] < rnd.summary()["auc_deletion_morf"]
+    # A random order removes lesion cubes early in both orders (ABPC near 0); Grad-CAM keeps them for last in LeRF.
+    assert res.summary()["abpc"] > 0.5 and res.summary()["abpc"] > rnd.summary()["abpc"] + 0.4

@@ -120,14 +120,86 @@ def _cmd_export_seg(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_methods, write_results
+    import shlex
 
-    rows = evaluate_methods(a.methods, a.data, limit=a.limit, progress=_progress("studies"),
-                            method_kwargs={m: _method_params(a.param) for m in a.methods} if a.param else None)
-    paths = write_results(rows, a.out)
-    print(paths["summary_md"].read_text())
+    from .eval_report import write_report
+    from .evaluate import evaluate_cohort, write_results
+    from .settings import Settings
+
+    settings = Settings()
+    kwargs = {m: _method_params(a.param) for m in a.methods} if a.param else None
+    res = evaluate_cohort(a.methods, a.data, limit=a.limit, engine=a.engine, address=a.address, workers=a.workers,
+                          faithfulness=not a.no_faithfulness, insertion=a.insertion, sanity_studies=a.sanity_studies,
+                          examples=a.examples, method_kwargs=kwargs, progress=_progress("studies"), settings=settings)
+    keep = ("study_id", "label", "format", "method", "predicted", "dice", "iou", "auprc", "pointing_game",
+            "mask_empty", "seconds")
+    write_results([{k: c[k] for k in keep} for c in res["cases"]], a.out)
+    command = "xai " + " ".join(shlex.quote(v) for v in sys.argv[1:]) if a.command_line is None else a.command_line
+    paths = write_report(res, a.out, command=command, data=str(a.data), settings=settings)
+    from .eval_report import headline_markdown, headline_rows
+
+    print(headline_markdown(headline_rows(res["cases"], res["sanity"])))
     for name, path in paths.items():
-        print(f"  {name:<12} {path}")
+        print(f"  {name:<16} {path}")
+    return 0
+
+
+def _cmd_sanity(a: argparse.Namespace) -> int:
+    from .evaluate import cohort_rows
+    from .io import read_image
+    from .models import load
+    from .sanity import cascade, write_sanity
+    from .settings import Settings
+
+    settings = Settings()
+    model = load(a.model, settings=settings)
+    if (a.image is None) == (a.data is None):
+        raise ValueError("give one IMAGE or --data DIR")
+    if a.image is not None:
+        items = [(Path(a.image).name, a.image, a.target)]
+    else:
+        items = [(r["study_id"], r["image"], r["label"] if a.target is None else a.target)
+                 for r in cohort_rows(a.data, a.limit)]
+    results = []
+    report = _progress("sanity")
+    for n, (sid, path, target) in enumerate(items):
+        image = read_image(path)
+        for method in a.methods:
+            results.append(cascade(model, image, method, target=target, settings=settings, study_id=sid,
+                                   method_kwargs=_method_params(a.param) or None))
+        report(n + 1, len(items))
+    paths = write_sanity(results, a.out, settings=settings)
+    print(paths["markdown"].read_text())
+    for name, path in paths.items():
+        print(f"  {name:<10} {path}")
+    return 0
+
+
+def _cmd_explain_batch(a: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    from .engines import Task, find_studies, run, tables
+    from .settings import Settings
+
+    settings = Settings()
+    # Labels and masks are not used here: explain-batch explains, it does not score.
+    rows = [{k: r[k] for k in ("study_id", "image", "format") if k in r} for r in find_studies(a.folder)][:a.limit]
+    if not rows:
+        raise ValueError(f"no images in {a.folder}")
+    task = Task(methods=a.methods, model=a.model, target=a.target, localisation=False, faithfulness=False,
+                method_kwargs={m: _method_params(a.param) for m in a.methods} if a.param else {}, out_dir=a.out)
+    stats: dict = {}
+    cases = tables(run(rows, task, settings, engine=a.engine, address=a.address, workers=a.workers,
+                       progress=_progress("studies"), stats=stats))["cases"]
+    out = Path(a.out)
+    with open(out / "batch.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(cases[0]))
+        w.writeheader()
+        w.writerows(cases)
+    (out / "batch.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "study_s"}, indent=2))
+    print(f"explained {len(rows)} studies x {len(a.methods)} methods on {a.engine} ({stats.get('workers')} "
+          f"worker(s)) in {stats.get('wall_s', 0):.0f} s: {out / 'batch.csv'}")
     return 0
 
 
@@ -244,14 +316,48 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--uncorrected", action="store_true", help="the model's own mask, not a reader's correction")
     es.set_defaults(func=_cmd_export_seg)
 
-    ev = sub.add_parser("evaluate", help="score methods against ground-truth masks")
+    ev = sub.add_parser("evaluate", help="score methods: localisation, faithfulness, sanity; writes report.md")
     ev.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "scorecam"], choices=available_methods())
     ev.add_argument("--data", required=True, help="studies folder with manifest.csv")
     ev.add_argument("--out", default="runs/evaluate")
     ev.add_argument("--limit", type=int, default=None, help="at most this many lesion studies")
     ev.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="parameter given to every method that takes it (repeatable)")
+    ev.add_argument("--engine", choices=["local", "ray"], default="local",
+                    help="where studies run (docs/evaluation.md)")
+    ev.add_argument("--address", default=None, help="Ray cluster address (ray start --head prints it); "
+                                                    "default: a local Ray instance")
+    ev.add_argument("--workers", type=int, default=None, help="Ray workers, one model each")
+    ev.add_argument("--sanity-studies", type=int, default=3, help="studies that get the randomisation cascade")
+    ev.add_argument("--examples", type=int, default=3, help="studies shown in the overlay grid")
+    ev.add_argument("--no-faithfulness", action="store_true", help="skip the deletion curves")
+    ev.add_argument("--insertion", action="store_true", help="also the insertion curves (twice the forwards)")
+    ev.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
     ev.set_defaults(func=_cmd_evaluate)
+
+    sa = sub.add_parser("sanity", help="cascading model randomisation: does the map depend on the model?")
+    sa.add_argument("image", nargs="?", default=None, help="one image (or use --data)")
+    sa.add_argument("--data", default=None, help="studies folder with manifest.csv (lesion studies)")
+    sa.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "scorecam"], choices=available_methods())
+    sa.add_argument("--model", default="brain-lesion-3d")
+    sa.add_argument("--target", default=None, help="class name (default: the study's label, or the prediction)")
+    sa.add_argument("--limit", type=int, default=None)
+    sa.add_argument("--param", action="append", metavar="KEY=VALUE")
+    sa.add_argument("--out", default="runs/sanity", help="table, cascade plot, verdicts.json")
+    sa.set_defaults(func=_cmd_sanity)
+
+    eb = sub.add_parser("explain-batch", help="explain every image of a folder (locally or on Ray)")
+    eb.add_argument("folder", help="folder of images (or studies with manifest.csv)")
+    eb.add_argument("--out", required=True, help="output folder: <study>/<method>/ files, batch.csv")
+    eb.add_argument("--methods", nargs="+", default=["gradcam++"], choices=available_methods())
+    eb.add_argument("--model", default="brain-lesion-3d")
+    eb.add_argument("--target", default=None, help="class name or index, 'all', or the predicted class (default)")
+    eb.add_argument("--param", action="append", metavar="KEY=VALUE")
+    eb.add_argument("--engine", choices=["local", "ray"], default="local")
+    eb.add_argument("--address", default=None, help="Ray cluster address; default: a local Ray instance")
+    eb.add_argument("--workers", type=int, default=None, help="Ray workers, one model each")
+    eb.add_argument("--limit", type=int, default=None)
+    eb.set_defaults(func=_cmd_explain_batch)
 
     serve = _serve_module()
     if serve is not None:

@@ -32,7 +32,8 @@ import numpy as np
 
 from .settings import Settings
 
-__all__ = ["Task", "explain_study", "run", "run_local", "run_ray", "StudyWorker", "ENGINES", "load_model_cached"]
+__all__ = ["Task", "find_studies", "explain_study", "run", "run_local", "run_ray", "StudyWorker", "ENGINES",
+           "load_model_cached", "tables"]
 
 ENGINES = ("local", "ray")
 Progress = Callable[[int, int], None]
@@ -72,6 +73,29 @@ class Task:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
+
+
+def find_studies(folder: str | Path) -> list[dict[str, Any]]:
+    """Rows (``study_id``, ``image``) for a folder: its ``manifest.csv`` when it has one (generated
+    studies, with labels and masks), else every image file and every sub-folder (a DICOM series),
+    sorted by name. The study id is the name without its image suffix."""
+    folder = Path(folder)
+    if (folder / "manifest.csv").is_file():
+        from .data.brain import read_manifest
+
+        return read_manifest(folder)
+    rows = []
+    for p in sorted(folder.iterdir()):
+        name = p.name.lower()
+        suffix = next((s for s in IMAGE_SUFFIXES if name.endswith(s)), None)
+        if p.is_dir() and not name.startswith("."):
+            rows.append({"study_id": p.name, "image": str(p), "format": "dicom"})
+        elif p.is_file() and suffix:
+            rows.append({"study_id": p.name[: -len(suffix)], "image": str(p), "format": suffix.strip(".")})
+    return rows
 
 
 _MODELS: dict[tuple, Any] = {}

@@ -12,16 +12,16 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
 from .data.brain import read_manifest
 from .io import Image, read_image
-from .metrics import auprc, bootstrap_ci, dice, expected_calibration_error, iou, per_class_auroc, pointing_game
+from .metrics import bootstrap_ci, dice, expected_calibration_error, per_class_auroc
 from .models import ModelAdapter
 from .models import load as load_model
-from .pipeline import explain
 from .settings import Settings
 
 METRICS = ("dice", "iou", "auprc", "pointing_game")
@@ -37,29 +37,62 @@ def evaluate_methods(methods: Sequence[str], data_dir: str | Path, model: ModelA
                      progress: Callable[[int, int], None] | None = None,
                      method_kwargs: dict[str, dict] | None = None, settings: Settings | None = None) -> list[dict]:
     """One row per (study with a lesion, method) with the four metrics and the prediction.
-    ``method_kwargs`` maps a method name to its explainer parameters."""
+    ``method_kwargs`` maps a method name to its explainer parameters. Runs
+    :func:`xai_core.engines.explain_study` on the local engine (localisation only)."""
+    from .engines import Task, run_local
+
     cfg = settings or Settings()
     model = model or load_model("brain-lesion-3d", settings=cfg)
-    tol = model.card.grid_spacing_mm if tolerance_mm is None else tolerance_mm
     rows = [r for r in read_manifest(data_dir) if r["label"] != "none"][:limit]
-    out = []
-    for n, r in enumerate(rows):
-        image = read_image(r["image"])
-        truth = read_mask(r["mask"]).array.astype(bool)
-        for method in methods:
-            exp = explain(image, method, target=r["label"], model=model,
-                          method_kwargs=(method_kwargs or {}).get(method), settings=cfg)
-            sal = exp.primary.array
-            out.append({
-                "study_id": r["study_id"], "label": r["label"], "format": r["format"], "method": method,
-                "predicted": exp.prediction.label,
-                "dice": dice(exp.mask.mask, truth), "iou": iou(exp.mask.mask, truth),
-                "auprc": auprc(sal, truth, within=exp.foreground),
-                "pointing_game": float(pointing_game(sal, truth, spacing=image.spacing[::-1], tolerance_mm=tol)),
-                "mask_empty": exp.mask.empty, "seconds": sum(exp.timings.values()),
-            })
-        if progress:
-            progress(n + 1, len(rows))
+    task = Task(methods=list(methods), method_kwargs=dict(method_kwargs or {}), tolerance_mm=tolerance_mm,
+                faithfulness=False)
+    keep = ("study_id", "label", "format", "method", "predicted", *METRICS, "mask_empty", "seconds")
+    return [{k: r[k] for k in keep} for r in run_local(rows, task, cfg, model=model, progress=progress)
+            if r["table"] == "cases"]
+
+
+def cohort_rows(data_dir: str | Path, limit: int | None = None, lesion_only: bool = True) -> list[dict]:
+    """Manifest rows of ``data_dir`` (those with a lesion when ``lesion_only``), at most ``limit``."""
+    rows = [r for r in read_manifest(data_dir) if not lesion_only or r["label"] != "none"]
+    return rows[:limit]
+
+
+def evaluate_cohort(methods: Sequence[str], data_dir: str | Path, *, limit: int | None = None,
+                    engine: str = "local", address: str | None = None, workers: int | None = None,
+                    faithfulness: bool = True, insertion: bool = False, sanity_studies: int = 3,
+                    examples: int = 3, method_kwargs: dict[str, dict] | None = None, model: str = "brain-lesion-3d",
+                    progress: Callable[[int, int], None] | None = None,
+                    settings: Settings | None = None) -> dict[str, Any]:
+    """Everything the evaluation report shows, for the lesion studies of ``data_dir``.
+
+    Every study is explained by every method (target: the true lesion class) and scored: Dice, IoU,
+    AUPRC, pointing game, deletion curves (MoRF / LeRF, and insertion with ``insertion``) with their
+    areas and AOPC, and seconds per volume. The first ``sanity_studies`` studies also get the
+    randomisation cascade of every method, and the first ``examples`` studies return slices for the
+    overlay grid. ``engine`` is ``local`` or ``ray`` (:mod:`xai_core.engines`; identical numbers).
+
+    Returns:
+        ``{"cases", "curves", "sanity", "examples": lists of rows, "engine": {...}, "n_studies": int}``.
+    """
+    from .engines import Task, run, tables
+
+    cfg = settings or Settings()
+    rows = cohort_rows(data_dir, limit)
+    if not rows:
+        raise ValueError(f"no studies with a lesion in {data_dir}")
+    curves = ("deletion_morf", "deletion_lerf") + (("insertion_morf", "insertion_lerf") if insertion else ())
+    task = Task(methods=list(methods), model=model, method_kwargs=dict(method_kwargs or {}),
+                faithfulness=faithfulness, curves=curves,
+                sanity_ids=tuple(r["study_id"] for r in rows[:sanity_studies]),
+                example_ids=tuple(r["study_id"] for r in rows[:examples]))
+    stats: dict[str, Any] = {"engine": engine}
+    out = tables(run(rows, task, cfg, engine=engine, address=address, workers=workers, progress=progress,
+                     stats=stats))
+    for key in ("cases", "curves", "sanity", "examples"):
+        out.setdefault(key, [])
+    out["engine"] = {k: v for k, v in stats.items() if k != "study_s"}
+    out["n_studies"] = len(rows)
+    out["task"] = task.to_dict()
     return out
 
 

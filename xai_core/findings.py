@@ -171,7 +171,7 @@ class CounterfactualInfo(_Model):
 
 class QualityFlag(_Model):
     code: Literal["registration_failed", "empty_mask", "flat_map", "mostly_unlabelled", "weak_counterfactual",
-                  "counterfactual_skipped", "explained_class_not_predicted"]
+                  "counterfactual_skipped", "explained_class_not_predicted", "failed_sanity_check"]
     severity: Literal["info", "warning", "error"]
     message: str
 
@@ -198,8 +198,9 @@ def findings_json_schema() -> dict[str, Any]:
     return Findings.model_json_schema()
 
 
-def quality_flags(f: Findings) -> list[QualityFlag]:
-    """The quality flags a findings record calls for (rules in the messages)."""
+def quality_flags(f: Findings, sanity: dict[str, Any] | None = None) -> list[QualityFlag]:
+    """The quality flags a findings record calls for (rules in the messages). ``sanity``: the method's
+    recorded randomisation verdict (:func:`xai_core.sanity.recorded_verdict`), when there is one."""
     flags = []
     if f.registration is not None and f.registration.likely_failed:
         flags.append(QualityFlag(code="registration_failed", severity="error",
@@ -229,6 +230,12 @@ def quality_flags(f: Findings) -> list[QualityFlag]:
         flags.append(QualityFlag(code="explained_class_not_predicted", severity="info",
                                  message=f"the map explains {f.explanation.targets[0]}, the model predicts "
                                          f"{f.prediction.label}"))
+    if sanity is not None and not sanity.get("passed", True):
+        flags.append(QualityFlag(code="failed_sanity_check", severity="warning",
+                                 message=f"{f.explanation.method} failed the model randomisation check: its map keeps "
+                                         f"a rank correlation of {sanity['final_rank_correlation']:.2f} with the "
+                                         "original once the model is random, so it shows the image more than the "
+                                         "model's reasoning"))
     return flags
 
 
@@ -252,7 +259,7 @@ def level_labels(exp, registration, settings: Settings | None = None) -> list[Le
 
 def build_findings(exp, *, model=None, registration=None, bspline: bool | None = None,
                    infiller=None, with_counterfactual: bool = True, with_levels: bool = False,
-                   settings: Settings | None = None) -> dict[str, Any]:
+                   settings: Settings | None = None, sanity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Findings for an explanation, as a JSON-ready dict that validates against :class:`Findings`.
 
     Args:
@@ -265,6 +272,8 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         infiller: the counterfactual in-filler (default: :class:`~xai_core.counterfactual.TemplateInFiller`).
         with_counterfactual: False skips the counterfactual (recorded as skipped).
         with_levels: also label each saliency level (``levels``; about 0.5 s a level).
+        sanity: the method's randomisation verdict (default: the one recorded for this method and model
+            version by ``xai sanity`` / ``xai evaluate``, :func:`xai_core.sanity.recorded_verdict`).
         settings: passed to the registration, the labelling, the in-filler and the model loader
             (default ``Settings()``).
 
@@ -316,7 +325,11 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         registration=RegistrationInfo(**_finite(reg.quality())),
         location=location, counterfactual=cf, quality_flags=[], software=s["software"],
         levels=level_labels(exp, reg, settings=cfg) if with_levels else [])
-    f.quality_flags = quality_flags(f)
+    if sanity is None:
+        from .sanity import recorded_verdict
+
+        sanity = recorded_verdict(exp.method, card["name"], card["version"], cfg)
+    f.quality_flags = quality_flags(f, sanity)
     return f.model_dump(mode="json")
 
 
