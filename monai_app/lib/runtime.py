@@ -6,7 +6,9 @@ code and the HTTP wrapper reach.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +34,7 @@ class XAIRuntime:
         self.models = self.caches[options.model]  # the default model
         self.results = ResultStore(options.results_dir, options.results_keep)
         self.registrations = RegistrationCache(keep=16)
+        _sweep_stale_uploads(options.state_dir / "uploads")
         # One thread does all model work: torch keeps the cores busy on its own, and CAM hooks on
         # the shared network must not interleave. Threads (not processes) suffice for a responsive
         # event loop because torch, SimpleITK and scipy spend the time outside the GIL.
@@ -105,6 +108,18 @@ class XAIRuntime:
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         """Run ``fn(*args)`` on the model worker thread."""
         return self.worker.submit(fn, *args)
+
+
+def _sweep_stale_uploads(folder: Path, max_age_s: float = 3600.0) -> None:
+    """Delete uploads a crash or a dropped request left behind. Only old ones: a training subprocess
+    builds a runtime too, while the server may be receiving an upload this very moment."""
+    if not folder.is_dir():
+        return
+    stale = time.time() - max_age_s
+    for p in folder.iterdir():
+        with contextlib.suppress(OSError):
+            if p.is_file() and p.stat().st_mtime < stale:
+                p.unlink()
 
 
 def _configure_torch(device: torch.device, s: Settings) -> None:

@@ -117,14 +117,14 @@ async def infer(model: str, request: Request, background_tasks: BackgroundTasks,
     task = _task(app, model)
     if output not in OUTPUTS:
         raise ApiError(400, f"output must be one of all, json, image; got {output!r}")
-    params, form = await read_params(request)
+    params, form = await read_params(request, _app().xai.settings)
     req = _clean_params(task, params)
     upload = form.get("file") if form is not None else None
     path: Path | None = None
     if isinstance(upload, UploadFile):
         path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
         try:
-            await run_in_threadpool(check_image, path, upload.filename)
+            await run_in_threadpool(check_image, path, upload.filename, app.xai.settings)
         except BaseException:
             _remove(path)  # a refused upload is deleted at once (a BackgroundTask runs only after a reply)
             raise
@@ -152,7 +152,7 @@ async def submit_job(task: str, request: Request, image: str = ""):
     app = _app()
     t = _task(app, task)
     _image_uri(app, image)
-    params, _ = await read_params(request)
+    params, _ = await read_params(request, _app().xai.settings)
     job = app.xai.jobs.submit(task, image, _clean_params(t, params))
     return JSONResponse(status_code=202, content={"job_id": job.id, "status": job.status, "task": task,
                                                   "image": image, "url": f"/xai/jobs/{job.id}"})
@@ -208,7 +208,7 @@ async def result_schema():
 @router.put("/datastore/", include_in_schema=False)
 async def put_image(request: Request, image: str | None = None):
     app = _app()
-    params, form = await read_params(request)
+    params, form = await read_params(request, _app().xai.settings)
     upload = _form_file(form, "file")
     image_id = image or Path(upload.filename or "").name.split(".")[0]
     _check_path_id(image_id, "image")
@@ -216,7 +216,7 @@ async def put_image(request: Request, image: str | None = None):
         raise ApiError(409, f"image {image_id!r} already exists; upload under another id (nothing is overwritten)")
     path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
     try:
-        stored = await run_in_threadpool(storable_image, path, upload.filename)
+        stored = await run_in_threadpool(storable_image, path, upload.filename, app.xai.settings)
         info = {**params, "original_name": os.path.basename(upload.filename or ""),
                 "sha256": await run_in_threadpool(sha256_of, stored),
                 "uploaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -233,14 +233,14 @@ async def put_label(request: Request, image: str, tag: str = "final"):
     ds = app.datastore()
     tag = tag or "final"
     image_uri = _image_uri(app, image)
-    params, form = await read_params(request)
+    params, form = await read_params(request, _app().xai.settings)
     upload = _form_file(form, "label")
     # Provenance is stamped by the server from the result the client names; the client's values for
     # its keys are dropped. The token identifies no person, so there is no user name to record.
     info = app.xai.label_provenance(params, image, user=None, auth=bool(app.xai.options.token))
     path = await run_in_threadpool(save_upload, upload, _upload_dir(app))
     try:
-        await run_in_threadpool(check_label, path, upload.filename, image_uri)
+        await run_in_threadpool(check_label, path, upload.filename, image_uri, app.xai.settings)
         # The datastore hashes the bytes it stores and numbers the version under its lock: the reply
         # names the version this request stored, even with other clients saving the same label.
         saved = await run_in_threadpool(ds.store_label, image, str(path), tag, info)
@@ -306,7 +306,7 @@ async def train(model: str, request: Request, run_sync: bool = False, enqueue: b
     app = _app()
     if model not in app._trainers:
         raise ApiError(404, f"unknown trainer {model!r}; available: {sorted(app._trainers)}")
-    params, _ = await read_params(request)
+    params, _ = await read_params(request, _app().xai.settings)
     check = getattr(app._trainers[model], "check_request", None)
     if check is not None:
         # Refuse what would only fail later in the background process (no labels, bad values): 4xx now.
