@@ -26,9 +26,16 @@ def _progress(label: str):
 
 
 def _cmd_make_brain(a: argparse.Namespace) -> int:
-    from .data.brain import make_brain_studies
+    from .data.brain import make_brain_studies, options_from_cli
 
-    path = make_brain_studies(a.n, a.seed, a.out, workers=a.workers, progress=_progress("studies"))
+    try:
+        options = options_from_cli(a.realistic, a.templates, a.skull, a.contrasts, a.crop_fov, a.max_slice_mm,
+                                   a.min_slice_mm)
+    except ValueError as e:  # a user error: one line, exit code 2
+        print(f"xai data make-brain: {e}", file=sys.stderr)
+        return 2
+    path = make_brain_studies(a.n, a.seed, a.out, workers=a.workers, progress=_progress("studies"),
+                              options=options)
     print(f"wrote {a.n} studies and {path}")
     return 0
 
@@ -257,6 +264,15 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--seed", type=int, required=True)
     mb.add_argument("--out", required=True, help="output folder (studies, labels/, manifest.csv)")
     mb.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
+    # Realism (docs/data.md). Unset options keep today's studies bit for bit, or the preset's value.
+    mb.add_argument("--realistic", action="store_true",
+                    help="preset: every template, skull mix, every contrast, --crop-fov 0.3, --max-slice-mm 6")
+    mb.add_argument("--templates", default=None, help="comma list of mni152,icbm09c,icbm09a or all (default mni152)")
+    mb.add_argument("--skull", choices=("off", "on", "mix"), default=None, help="skull and scalp (default off)")
+    mb.add_argument("--contrasts", default=None, help="comma list of t1,t2,flair,random or mix (default t1)")
+    mb.add_argument("--crop-fov", type=float, default=None, metavar="P", help="probability of a cut field of view")
+    mb.add_argument("--max-slice-mm", type=float, default=None, help="thick slices: thickness drawn up to this")
+    mb.add_argument("--min-slice-mm", type=float, default=None, help="lower end of the thickness draw")
     mb.set_defaults(func=_cmd_make_brain)
 
     tr = sub.add_parser("train", help="train a model on generated studies")
