@@ -251,7 +251,8 @@ def _head_geometry(brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _smooth_field(shape: tuple[int, ...], rng: np.random.Generator, cells: int = 5) -> np.ndarray:
     """Smooth field in [0, 1] over ``shape`` (cubic zoom of a ``cells``^3 random lattice)."""
     coarse = rng.random((cells, cells, cells))
-    f = ndimage.zoom(coarse, [s / cells for s in shape], order=3, mode="nearest")
+    # Trilinear: a cubic zoom of the whole grid costs seconds per field and the lattice is coarse anyway.
+    f = ndimage.zoom(coarse, [s / cells for s in shape], order=1, mode="nearest")
     return np.clip(f[: shape[0], : shape[1], : shape[2]], 0, 1).astype(np.float32)
 
 

@@ -275,6 +275,31 @@ class BrainOptions:
         return cls(templates=TEMPLATES, skull="mix", contrasts=CONTRASTS, crop_fov=0.3, max_slice_mm=6.0)
 
 
+def options_from_cli(realistic: bool = False, templates: str | None = None, skull: str | None = None,
+                     contrasts: str | None = None, crop_fov: float | None = None,
+                     max_slice_mm: float | None = None, min_slice_mm: float | None = None) -> BrainOptions:
+    """Options from command-line values: ``None`` keeps the preset's value (``realistic``) or the
+    historic default. ``templates``/``contrasts`` are comma lists; ``all``/``mix`` name every one."""
+    from .anatomy import CONTRASTS, TEMPLATES
+
+    base = BrainOptions.realistic() if realistic else BrainOptions()
+
+    def listed(value: str | None, every: tuple[str, ...], current: tuple[str, ...]) -> tuple[str, ...]:
+        if value is None:
+            return current
+        if value.strip() in ("all", "mix"):
+            return every
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+
+    return BrainOptions(
+        templates=listed(templates, TEMPLATES, base.templates),
+        skull=base.skull if skull is None else skull,
+        contrasts=listed(contrasts, CONTRASTS, base.contrasts),
+        crop_fov=base.crop_fov if crop_fov is None else crop_fov,
+        max_slice_mm=base.max_slice_mm if max_slice_mm is None else max_slice_mm,
+        min_slice_mm=base.min_slice_mm if min_slice_mm is None else min_slice_mm)
+
+
 @dataclass(frozen=True)
 class _Draw:
     """Per-study choices from the options stream (drawn in a fixed order, used or not)."""
@@ -529,16 +554,26 @@ def _crop_fov(ref: sitk.Image, arrays: list[np.ndarray], how: tuple[int, bool, f
     extent = idx_b[-1] - idx_b[0] + 1
     idx_m = np.flatnonzero((msk >= 0.5).any(axis=tuple(a for a in range(3) if a != axis)))
     n = img.shape[axis]
-    if low:
-        cut = int(idx_b[0] + fraction * extent)
-        if idx_m.size:
-            cut = min(cut, idx_m[0] - 4)
-        keep = slice(max(cut, 0), n)
-    else:
+
+    def keep_for(low_side: bool) -> slice:
+        if low_side:
+            cut = int(idx_b[0] + fraction * extent)
+            if idx_m.size:
+                cut = min(cut, idx_m[0] - 4)
+            return slice(max(cut, 0), n)
         cut = int(idx_b[-1] - fraction * extent) + 1
         if idx_m.size:
             cut = max(cut, idx_m[-1] + 5)
-        keep = slice(0, min(cut, n))
+        return slice(0, min(cut, n))
+
+    def brain_cut(k: slice) -> int:
+        return int(prof_b[: k.start].sum() + prof_b[k.stop:].sum())
+
+    keep = keep_for(low)
+    # A lesion near the drawn side would stop the cut short: cut the other side instead.
+    if brain_cut(keep) < 0.5 * fraction * extent and brain_cut(keep_for(not low)) > brain_cut(keep):
+        low = not low
+        keep = keep_for(low)
     if keep.stop - keep.start >= n or keep.stop - keep.start < 8:
         return ref, arrays, ""
     sl = [slice(None)] * 3
@@ -551,7 +586,7 @@ def _crop_fov(ref: sitk.Image, arrays: list[np.ndarray], how: tuple[int, bool, f
     new = sitk.Image([int(v) for v in size], sitk.sitkFloat32)
     new.SetSpacing(ref.GetSpacing())
     new.SetDirection(ref.GetDirection())
-    new.SetOrigin(ref.TransformIndexToPhysicalPoint(start))
+    new.SetOrigin(ref.TransformIndexToPhysicalPoint([int(v) for v in start]))
     kept = float((out[2] >= 0.5).sum() / max((brn >= 0.5).sum(), 1))
     removed_mm = (n - (keep.stop - keep.start)) * ref.GetSpacing()[2 - axis]
     return new, out, json.dumps({"axis": "kji"[axis], "side": "low" if low else "high",
