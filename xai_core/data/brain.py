@@ -343,6 +343,7 @@ class Study:
     mask: Image
     brain: Image
     info: dict
+    reference_mask: np.ndarray | None = None  # the lesion on the atlas grid, where its structures were read
 
 
 def make_study(seed: int, index: int, label: str | None = None,
@@ -482,7 +483,7 @@ def make_study_full(seed: int, index: int, label: str | None = None,
                 template=d.template, skull="on" if d.skull else "off", contrast=d.contrast,
                 contrast_levels=contrast_levels, fov_crop=crop, slice_axis="kji"[slice_axis],
                 slice_mm=round(slice_mm, 3), slice_profile=profile)
-    return Study(image, mask, brain_o, info)
+    return Study(image, mask, brain_o, info, lesion_mask)
 
 
 def _paint_lesion(region: np.ndarray, les: _Lesion, lesion_levels: dict[str, float]) -> None:
@@ -523,7 +524,7 @@ def _thick_slices(ref: sitk.Image, arrays: list[np.ndarray], axis: int, thicknes
     hi = np.minimum(lo + 1, n_old - 1)
     out = []
     for a in arrays:
-        blurred = ndimage.convolve1d(a.astype(np.float32), w.astype(np.float32), axis=axis, mode="constant")
+        blurred = ndimage.convolve1d(a.astype(np.float32), w.astype(np.float32), axis=axis, mode="nearest")
         shape = [1, 1, 1]
         shape[axis] = n_new
         f = frac.reshape(shape)
