@@ -236,6 +236,21 @@ def _cmd_model_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ood_fit(a: argparse.Namespace) -> int:
+    import shlex
+
+    from .models import load
+    from .ood import fit_from_folder
+
+    model = load(a.model)
+    command = "xai " + " ".join(shlex.quote(v) for v in sys.argv[1:])
+    path, stats = fit_from_folder(model, a.data, out=a.out, limit=a.limit, command=command,
+                                  progress=_progress("studies"))
+    print(f"wrote {path}: {len(stats.features)} studies, {len(stats.features[0])} features, threshold "
+          f"{stats.threshold:.2f} ({stats.percentile:g}th percentile of leave-one-out distances)")
+    return 0
+
+
 def _serve_module():
     """``monai_app.serve``; the app sits beside ``xai_core`` in the repository and is not installed,
     so it is imported from there (None when this is not a repository checkout)."""
@@ -374,6 +389,15 @@ def build_parser() -> argparse.ArgumentParser:
     eb.add_argument("--workers", type=int, default=None, help="Ray workers, one model each")
     eb.add_argument("--limit", type=int, default=None)
     eb.set_defaults(func=_cmd_explain_batch)
+
+    ood = sub.add_parser("ood", help="out-of-distribution guard (docs/ood.md)").add_subparsers(dest="what",
+                                                                                               required=True)
+    of = ood.add_parser("fit", help="fit the feature statistics on in-distribution studies")
+    of.add_argument("--model", default="brain-lesion-3d", help="model name")
+    of.add_argument("--data", required=True, help="in-distribution studies, e.g. data/val")
+    of.add_argument("--out", default=None, help="JSON to write (default: <model>.ood.json beside the weights)")
+    of.add_argument("--limit", type=int, default=None)
+    of.set_defaults(func=_cmd_ood_fit)
 
     serve = _serve_module()
     if serve is not None:
