@@ -70,7 +70,7 @@ def test_templates_are_aligned_with_the_atlas(name):
         return 2 * (a & b).sum() / (a.sum() + b.sum())
 
     assert dice(anat.brain, ref.brain) >= 0.97
-    assert dice(np.roll(anat.brain, 6, axis=1), ref.brain) < 0.93  # 6 mm off would fail the bound above
+    assert dice(np.roll(anat.brain, 6, axis=1), ref.brain) < 0.95  # 6 mm off fails the bound above
     assert anat.brain[ho.labels > 0].mean() >= 0.97
     cortical = (ho.labels > 0) & (ho.labels <= 96)
     assert (anat.gm[cortical] > 0.3).mean() >= 0.7
@@ -153,22 +153,31 @@ def test_crop_never_cuts_the_lesion():
 
 
 @pytest.fixture(scope="module")
-def skull_t2_glioma():
-    opts = BrainOptions(templates=("icbm09a",), skull="on", contrasts=("t2",))
-    return make_study_full(31, 1, label="glioma", options=opts)
+def skull_pair():
+    """The same T2 glioma study (seed 31, index 1, template icbm09a) with and without skull."""
+    made = {}
+    for skull in ("on", "off"):
+        opts = BrainOptions(templates=("icbm09a",), skull=skull, contrasts=("t2",))
+        made[skull] = make_study_full(31, 1, label="glioma", options=opts)
+    return made
 
 
-def test_skull_on_has_head_tissue_outside_the_brain(skull_t2_glioma):
-    st = skull_t2_glioma
-    img, brain = st.image.array, st.brain.array > 0
-    assert st.info["skull"] == "on" and st.info["template"] == "icbm09a" and st.info["contrast"] == "t2"
-    dist = ndimage.distance_transform_edt(~brain, sampling=st.image.spacing[::-1])
-    shell = (dist > 4) & (dist < 16)
-    wm_level = np.percentile(img[brain], 20)  # T2: white matter is the dark end of the brain
-    # Scalp fat and diploe are bright, the tables dark: both are present all around the brain.
-    assert (img[shell] > 1.5 * wm_level).mean() > 0.3
-    assert (img[shell] < 0.3 * wm_level).mean() > 0.05
-    assert (img[dist > 25] < 0.3 * wm_level).mean() > 0.95  # outside the head: air
+def test_skull_on_has_head_tissue_outside_the_brain(skull_pair):
+    fractions = {}
+    for skull, st in skull_pair.items():
+        img, brain = st.image.array, st.brain.array > 0
+        assert (st.info["skull"], st.info["template"], st.info["contrast"]) == (skull, "icbm09a", "t2")
+        dist = ndimage.distance_transform_edt(~brain, sampling=st.image.spacing[::-1])
+        shell = (dist > 4) & (dist < 16)
+        wm_level = np.percentile(img[brain], 20)  # T2: white matter is the dark end of the brain
+        fractions[skull] = ((img[shell] > 1.5 * wm_level).mean(), (img[dist > 25] < 0.3 * wm_level).mean())
+    # Scalp fat and diploe are bright around the brain with the skull on; without it there is only air.
+    assert fractions["on"][0] > 0.15 and fractions["off"][0] < 0.01, fractions
+    assert fractions["on"][1] > 0.95  # beyond the scalp: air
+    on = skull_pair["on"]
+    dist = ndimage.distance_transform_edt(~(on.brain.array > 0), sampling=on.image.spacing[::-1])
+    wm_level = np.percentile(on.image.array[on.brain.array > 0], 20)
+    assert (on.image.array[(dist > 4) & (dist < 12)] < 0.3 * wm_level).mean() > 0.05  # dark bone too
 
 
 def _check_lesion_on_structure(st, anat_name, intra_axial=True):
@@ -184,11 +193,10 @@ def _check_lesion_on_structure(st, anat_name, intra_axial=True):
     assert np.isclose((labels == top).mean(), st.info["structures"][0][1], atol=1e-3)
 
 
-def test_skull_on_lesion_stays_on_its_structure(skull_t2_glioma):
-    _check_lesion_on_structure(skull_t2_glioma, "icbm09a")
-    st = skull_t2_glioma
-    # The same study without skull: same lesion (the choices have their own random stream).
-    off = make_study_full(31, 1, label="glioma", options=BrainOptions(templates=("icbm09a",), contrasts=("t2",)))
+def test_skull_on_lesion_stays_on_its_structure(skull_pair):
+    st, off = skull_pair["on"], skull_pair["off"]
+    _check_lesion_on_structure(st, "icbm09a")
+    # Same lesion with and without skull: the realism choices have their own random stream.
     np.testing.assert_array_equal(off.mask.array, st.mask.array)
     assert off.info["top_structure"] == st.info["top_structure"]
 
