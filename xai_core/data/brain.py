@@ -15,7 +15,12 @@ Lesion classes (index = model class index):
 ====  ==============  ===================================================================
 
 The ground-truth mask is the lesion proper (mass with core, or the ring lesions); oedema is
-outside the mask. Output is a deterministic function of ``(seed, index)``.
+outside the mask. Output is a deterministic function of ``(seed, index)`` and the options.
+
+:class:`BrainOptions` adds realism (docs/data.md): other templates aligned to the atlas grid, skull
+and scalp, T2/FLAIR/random contrasts from tissue maps (:mod:`.anatomy`), a cropped field of view
+and thick slices. Its defaults reproduce the historic studies bit for bit: the realism choices
+come from a random stream of their own, so the historic stream is never disturbed.
 """
 
 from __future__ import annotations
