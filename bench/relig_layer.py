@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ig-steps", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--jsonl", type=Path, default=Path("runs/relig_layer.jsonl"))
+    p.add_argument("--only-relig", action="store_true", help="skip the Grad-CAM++ and IG rows")
     p.add_argument("--out", type=Path)
     a = p.parse_args(argv)
     if "heldout" in str(a.data):
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[tuple[str, str | None, dict[str, Any], tuple[str, ...]]] = [
         ("gradcam++", model.card.cam_layer, {}, ("minmax",)),
         ("ig", None, {"n_steps": a.ig_steps}, ("positive", "absolute")),
-    ] + [("relig", layer, {"layer": layer, "n_samples": a.samples, "n_steps": a.steps,
+    ][2 if a.only_relig else 0:] + [("relig", layer, {"layer": layer, "n_samples": a.samples, "n_steps": a.steps,
                            "stdev_fraction": a.stdev_fraction}, ("positive", "absolute"))
          for layer in a.layers.split(",")]
     for k, r in enumerate(rows):
