@@ -39,8 +39,8 @@ from scipy import ndimage
 
 from .io import Image
 
-__all__ = ["OODCheck", "OODResult", "OODStats", "OODGuard", "input_checks", "pooled_features", "fit_stats",
-           "stats_path", "STATS_SUFFIX"]
+__all__ = ["OODCheck", "OODResult", "OODStats", "OODGuard", "FeatureCapture", "input_checks", "pooled_features",
+           "fit_stats", "fit_from_folder", "stats_path", "STATS_SUFFIX"]
 
 STATS_SUFFIX = ".ood.json"
 FORMAT_VERSION = 1
@@ -50,7 +50,7 @@ FORMAT_VERSION = 1
 LIMITS: dict[str, float] = {
     "ct_fraction": 0.05,  # at most this fraction of voxels below -500 (air in Hounsfield units)
     "identical_slices": 0.5,  # at most this fraction of adjacent slices bit-identical
-    "slice_decorrelation": 1.6,  # at least: (1 - r at 40 mm) / (1 - r of neighbours); stacks give ~1
+    "slice_similarity_40mm": 0.6,  # at most: mean r of slices 40 mm apart (heads <= 0.25, repeated slices >= 0.7)
     "neighbour_correlation": 0.35,  # at least: Pearson r of neighbouring foreground voxels; noise ~0
     "flat_fraction": 0.5,  # at most this fraction of neighbouring foreground voxels equal (phantoms, masks)
     "min_volume_ml": 300.0,  # head-like foreground (a brain alone is about 1100 to 1600 ml)
@@ -62,7 +62,7 @@ LIMITS: dict[str, float] = {
 }
 SURVEY_MM = 4.0  # isotropic grid for the foreground measurements
 CROP = 160  # texture checks read at most this many voxels per axis (the centre of the volume)
-FAR_MM = 40.0  # slice distance of the stacked-2-D decorrelation test
+FAR_MM = 40.0  # slice distance of the stacked-2-D similarity test
 
 
 class OODCheck(BaseModel):
@@ -88,6 +88,8 @@ class OODResult(BaseModel):
     threshold: float | None = Field(None, description="99th percentile of leave-one-out validation distances")
     reasons: list[str] = Field(default_factory=list, description="one line per failed check")
     checks: list[OODCheck] = Field(default_factory=list)
+    input_flagged: bool = Field(False, description="an input check failed: not a brain MR volume as such")
+    feature_flagged: bool = Field(False, description="the model's features are unlike its validation studies")
     feature_check: bool = False
     notes: list[str] = Field(default_factory=list)
     seconds: float = 0.0
@@ -312,23 +314,20 @@ def input_checks(image: Image) -> list[OODCheck]:
                          f"a 2-D image stacked into 3-D: all {n_sl} slices are identical" if all_same else
                          f"a 2-D image stacked into 3-D: {worst_id:.0%} of adjacent slices along array axis "
                          f"{'kji'[worst_axis]} are identical"))
-    dec_min, dec_txt = float("inf"), ""
+    far_max, far_txt = None, ""
     for ax in range(3):
         lag = int(round(FAR_MM / spacing_kji[ax]))
         if c.shape[ax] < 2 * lag + 1 or lag < 2:
             continue
-        r1 = _slice_similarity(c, cfg, ax, 1)
         rf = _slice_similarity(c, cfg, ax, lag)
-        if math.isnan(r1) or math.isnan(rf):
+        if math.isnan(rf) or (far_max is not None and rf <= far_max):
             continue
-        dec = (1.0 - rf) / max(1.0 - r1, 1e-3)
-        if dec < dec_min:
-            dec_min = dec
-            dec_txt = (f"a 2-D image stacked into 3-D: slices {FAR_MM:.0f} mm apart along array axis {'kji'[ax]} "
-                       f"are as alike as neighbours (r = {rf:.2f} vs {r1:.2f})")
-    dec_val = None if math.isinf(dec_min) else dec_min
-    checks.append(_check("slice_decorrelation", dec_val, LIMITS["slice_decorrelation"],
-                         dec_val is None or dec_val >= LIMITS["slice_decorrelation"], dec_txt))
+        far_max = rf
+        r1 = _slice_similarity(c, cfg, ax, 1)
+        far_txt = (f"a 2-D image stacked into 3-D: slices {FAR_MM:.0f} mm apart along array axis {'kji'[ax]} are "
+                   f"as alike as neighbours (r = {rf:.2f} vs {r1:.2f}; a head has r < 0.3)")
+    checks.append(_check("slice_similarity_40mm", far_max, LIMITS["slice_similarity_40mm"],
+                         far_max is None or far_max <= LIMITS["slice_similarity_40mm"], far_txt))
     return checks
 
 
@@ -337,30 +336,55 @@ def input_checks(image: Image) -> list[OODCheck]:
 DEFAULT_LAYERS = ("down2", "encoder_body")
 
 
-def pooled_features(adapter: Any, inputs: Any, layers: Sequence[str] = DEFAULT_LAYERS) -> np.ndarray:
-    """``log1p`` of the spatial mean and standard deviation of each of ``layers``' activations for one
-    prepared input: float64 ``(sum over layers of 2 C,)`` (192 for ``BrainLesionNet``: 2 x 32 + 2 x 64).
+class FeatureCapture:
+    """Context manager that records the pooled features of the next forward through ``adapter.net``,
+    so a caller that runs the model anyway (``adapter.predict``) gives the guard its features without a
+    second forward::
 
-    Reads the activations with forward hooks during one class-path forward (``adapter.forward_func()``,
-    no decoder); the network is not modified.
+        with FeatureCapture(adapter) as cap:
+            pred = adapter.predict(inputs)
+        result = guard.assess(adapter, inputs, features=cap.features)
+
+    ``features``: float64 ``(sum over layers of 2 C,)``: ``log1p`` of the spatial mean and standard
+    deviation of each layer's activations (192 for ``BrainLesionNet``: 2 x 32 + 2 x 64).
     """
-    net = adapter.net
-    acts: dict[str, torch.Tensor] = {}
-    handles = [net.get_submodule(name).register_forward_hook(
-        lambda _m, _i, out, name=name: acts.__setitem__(name, out.detach())) for name in layers]
-    try:
-        with torch.no_grad():
-            adapter.forward_func()(*inputs.inputs, *inputs.additional_forward_args)
-    finally:
-        for h in handles:
+
+    def __init__(self, adapter: Any, layers: Sequence[str] = DEFAULT_LAYERS):
+        self.net = adapter.net
+        self.layers = list(layers)
+        self._acts: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> FeatureCapture:
+        self._handles = [self.net.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: self._acts.__setitem__(name, out.detach())) for name in self.layers]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for h in self._handles:
             h.remove()
-    parts = []
-    for name in layers:
-        h = acts[name].float()
-        dims = tuple(range(2, h.ndim))
-        parts += [h.mean(dims)[0], h.std(dims)[0]]
-    f = torch.cat(parts).cpu().double().numpy()
-    return np.log1p(np.maximum(f, 0.0))
+        self._handles = []
+
+    @property
+    def features(self) -> np.ndarray:
+        missing = [n for n in self.layers if n not in self._acts]
+        if missing:
+            raise RuntimeError(f"no forward through {missing} was captured")
+        parts = []
+        for name in self.layers:
+            h = self._acts[name].float()
+            dims = tuple(range(2, h.ndim))
+            parts += [h.mean(dims)[0], h.std(dims)[0]]
+        f = torch.cat(parts).cpu().double().numpy()
+        return np.log1p(np.maximum(f, 0.0))
+
+
+def pooled_features(adapter: Any, inputs: Any, layers: Sequence[str] = DEFAULT_LAYERS) -> np.ndarray:
+    """The :class:`FeatureCapture` features of one prepared input, from one class-path forward
+    (``adapter.forward_func()``, no decoder); the network is not modified."""
+    with FeatureCapture(adapter, layers) as cap, torch.no_grad():
+        adapter.forward_func()(*inputs.inputs, *inputs.additional_forward_args)
+    return cap.features
 
 
 class OODStats(BaseModel):
@@ -494,7 +518,10 @@ class OODGuard:
                 f"{threshold:.1f} ({self.stats.percentile:g}th percentile of {len(self.stats.features)} "
                 f"validation studies); the model was not made for input like this"))
         reasons = [c.reason for c in checks if not c.passed and c.reason]
-        return OODResult(flagged=bool(reasons), score=score, threshold=threshold, reasons=reasons, checks=checks,
+        failed = {c.name for c in checks if not c.passed}
+        return OODResult(flagged=bool(failed), input_flagged=bool(failed - {"feature_distance"}),
+                         feature_flagged="feature_distance" in failed, score=score, threshold=threshold,
+                         reasons=reasons, checks=checks,
                          feature_check=feature_check, notes=notes, seconds=round(time.perf_counter() - t0, 4))
 
     def assess_image(self, adapter: Any, image: Image) -> OODResult:
