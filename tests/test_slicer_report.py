@@ -175,6 +175,23 @@ def test_quality_flags_errors_first_and_counterfactual_sentence(result, bare):
     assert report.quality_flags(bare) == [] and report.counterfactual_sentence(bare) is None
 
 
+def test_out_of_distribution_input_is_a_warning_with_or_without_findings(result, bare):
+    ood = {"flagged": True, "reasons": ["a 2-D image stacked into 3-D: all 64 slices are identical"],
+           "score": None, "threshold": None}
+    bare["ood"] = ood
+    ExplanationResult.model_validate(bare)
+    flags = report.quality_flags(bare)
+    assert flags[0][:2] == ("error", "out_of_distribution") and "stacked into 3-D" in flags[0][2]
+    assert "stacked into 3-D" in report.summary_text(bare) and "out_of_distribution" in report.summary_html(bare)
+    # The findings carry the server's own flag: it is shown once.
+    result["ood"] = ood
+    result["findings"]["quality_flags"].insert(0, {"code": "out_of_distribution", "severity": "error",
+                                                   "message": "the input is not what the model was made for"})
+    assert [c for _, c, _ in report.quality_flags(result)].count("out_of_distribution") == 1
+    bare["ood"] = {**ood, "flagged": False}
+    assert report.quality_flags(bare) == []
+
+
 def test_summary_text_has_prediction_location_flags_counterfactual_table_report(result):
     text = report.summary_text(result)
     lines = text.splitlines()

@@ -171,7 +171,8 @@ class CounterfactualInfo(_Model):
 
 class QualityFlag(_Model):
     code: Literal["registration_failed", "empty_mask", "flat_map", "mostly_unlabelled", "weak_counterfactual",
-                  "counterfactual_skipped", "explained_class_not_predicted", "failed_sanity_check"]
+                  "counterfactual_skipped", "explained_class_not_predicted", "failed_sanity_check",
+                  "out_of_distribution"]
     severity: Literal["info", "warning", "error"]
     message: str
 
@@ -198,10 +199,17 @@ def findings_json_schema() -> dict[str, Any]:
     return Findings.model_json_schema()
 
 
-def quality_flags(f: Findings, sanity: dict[str, Any] | None = None) -> list[QualityFlag]:
+def quality_flags(f: Findings, sanity: dict[str, Any] | None = None,
+                  ood: dict[str, Any] | None = None) -> list[QualityFlag]:
     """The quality flags a findings record calls for (rules in the messages). ``sanity``: the method's
-    recorded randomisation verdict (:func:`xai_core.sanity.recorded_verdict`), when there is one."""
+    recorded randomisation verdict (:func:`xai_core.sanity.recorded_verdict`), when there is one;
+    ``ood``: the out-of-distribution guard's verdict on the input (:class:`xai_core.ood.OODResult`)."""
     flags = []
+    if ood is not None and ood.get("flagged"):
+        flags.append(QualityFlag(code="out_of_distribution", severity="error",
+                                 message="the input is not what the model was made for ("
+                                         + "; ".join(ood.get("reasons") or ["unlike its validation studies"])
+                                         + "): its class and this explanation are not to be trusted"))
     if f.registration is not None and f.registration.likely_failed:
         flags.append(QualityFlag(code="registration_failed", severity="error",
                                  message=f"registration to MNI152 likely failed ({f.registration.reason}); "
@@ -329,7 +337,7 @@ def build_findings(exp, *, model=None, registration=None, bspline: bool | None =
         from .sanity import recorded_verdict
 
         sanity = recorded_verdict(exp.method, card["name"], card["version"], cfg)
-    f.quality_flags = quality_flags(f, sanity)
+    f.quality_flags = quality_flags(f, sanity, ood=getattr(exp, "ood", None))
     return f.model_dump(mode="json")
 
 

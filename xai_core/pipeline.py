@@ -52,6 +52,7 @@ class Explanation:
         flat: per target, True when the raw map was flat (no ranking possible).
         attribution: how the display view was made, raw maxima, convergence delta, method extras.
         title: the method's title.
+        ood: the out-of-distribution guard's verdict (:class:`xai_core.ood.OODResult` as a dict).
     """
 
     image: Image
@@ -68,6 +69,7 @@ class Explanation:
     raw: list[Image] = field(default_factory=list)
     attribution: dict[str, Any] = field(default_factory=dict)
     title: str = ""
+    ood: dict[str, Any] | None = None
 
     @property
     def primary(self) -> Image:
@@ -129,9 +131,10 @@ class Explanation:
             timings_s={k: round(v, 4) for k, v in self.timings.items()},
             model={k: self.model_card.get(k) for k in ("name", "version", "weights_sha256")},
             software=software_versions(),
+            ood=self.ood,
         )
         out = result.model_dump(mode="json", exclude={"task", "image_id", "result_id", "artifacts"})
-        for key in ("files", "findings", "report"):  # filled in by whoever adds them
+        for key in ("files", "findings", "report", "ood"):  # absent when not made
             if out[key] is None:
                 del out[key]
         return out
@@ -163,7 +166,8 @@ def brain_foreground(image: Image) -> np.ndarray:
 def explain(image: Image, method: str = "gradcam++", *, target: Any = None,
             model: ModelAdapter | None = None, method_kwargs: dict[str, Any] | None = None,
             progress: Progress | None = None, cancel: Callable[[], bool] | None = None,
-            settings: Settings | None = None, request: dict[str, Any] | None = None) -> Explanation:
+            settings: Settings | None = None, request: dict[str, Any] | None = None,
+            check_input: bool = True) -> Explanation:
     """Explain ``model``'s decision on ``image`` with ``method``.
 
     Args:
@@ -178,6 +182,8 @@ def explain(image: Image, method: str = "gradcam++", *, target: Any = None,
         cancel: polled by long methods; True stops them with ``AttributionCancelled``.
         settings: mask bounds and levels, device (default: from the environment).
         request: kind-specific inputs for ``model.prepare`` (a question, a slice).
+        check_input: run the out-of-distribution guard (:mod:`xai_core.ood`); its result is
+            ``Explanation.ood`` and a quality flag of the findings.
     """
     cfg = settings or Settings()
     model = model or load_model("brain-lesion-3d", settings=cfg)
@@ -195,6 +201,10 @@ def explain(image: Image, method: str = "gradcam++", *, target: Any = None,
     t = time.perf_counter()
     pred = model.predict(inputs)
     timings["predict"] = time.perf_counter() - t
+    t = time.perf_counter()
+    ood = model.assess_input(inputs).model_dump(mode="json") if check_input else None
+    if ood is not None:
+        timings["ood"] = time.perf_counter() - t
     report("attribute", 0.2)
 
     targets = target_classes(spec, len(model.classes), model.classes.index(pred.label))
@@ -235,7 +245,7 @@ def explain(image: Image, method: str = "gradcam++", *, target: Any = None,
         image=image, method=method, targets=[model.classes[c] for c in targets], prediction=pred,
         saliency=saliency, mask=sm, foreground=fg, params=params, timings=timings,
         flat=[bool(f) for f in att.flat[0].tolist()], model_card=model.card.model_dump(), raw=raw,
-        attribution=attribution, title=explainer.title,
+        attribution=attribution, title=explainer.title, ood=ood,
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .findings import Findings
+from .ood import OODResult
 
 __all__ = ["SCHEMA_VERSION", "ClassificationResult", "ExplanationResult", "ImageGeometry", "MaskSummary",
            "ModelRef", "PredictionSummary", "SaliencySummary", "SegmentationResult", "result_json_schema"]
@@ -112,6 +113,8 @@ class ExplanationResult(_ServerFields, _Reply):
     model: ModelRef
     software: dict[str, str]
     files: dict[str, str] | None = Field(None, description="xai explain: file names written")
+    ood: OODResult | None = Field(None, description="out-of-distribution guard: flagged input is not what "
+                                                    "the model was made for, and its class is not to be trusted")
     findings: Findings | None = Field(None, description="with report: true")
     report: str | None = Field(None, description="with report: true: the drafted report, Markdown")
 
@@ -119,6 +122,7 @@ class ExplanationResult(_ServerFields, _Reply):
 class ClassificationResult(_ServerFields, _Reply):
     schema_version: str = SCHEMA_VERSION
     prediction: PredictionSummary
+    ood: OODResult | None = Field(None, description="out-of-distribution guard (see ExplanationResult)")
     model: ModelRef
     timings_s: dict[str, float]
     software: dict[str, str]

@@ -70,6 +70,7 @@ class ModelAdapter(ABC):
         self.card = card
         self.net = net.to(device).eval()
         self.device = device
+        self._ood_guard: Any = None
 
     @property
     def classes(self) -> list[str]:
@@ -126,6 +127,19 @@ class ModelAdapter(ABC):
             params.setdefault("forward_from", functools.partial(self.net.forward_from, layer))
         return cls(self.module(), output_index=self.output_index, **params)
 
+    def ood_guard(self) -> Any:
+        """The out-of-distribution guard of this model (:class:`xai_core.ood.OODGuard`, its fitted
+        statistics read once from beside the weights)."""
+        if self._ood_guard is None:
+            from ..ood import OODGuard
+
+            self._ood_guard = OODGuard.for_model(self)
+        return self._ood_guard
+
+    def assess_input(self, inputs: ModelInput) -> Any:
+        """:class:`xai_core.ood.OODResult` for ``inputs``: is this input what the model was made for?"""
+        return self.ood_guard().assess(self, inputs)
+
     def cascade_layers(self) -> list[str]:
         """Top-level modules on the path to the class logits, output first (for randomisation)."""
         order = getattr(self.net, "cascade_order", None)
@@ -140,6 +154,7 @@ class ModelAdapter(ABC):
             raise ValueError(f"unknown layer {cascade_from!r}; cascade order: {order}")
         clone = copy.copy(self)
         clone.net = copy.deepcopy(self.net)
+        clone._ood_guard = None  # fitted to the original weights
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)
         try:

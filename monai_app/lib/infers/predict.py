@@ -35,13 +35,17 @@ def model_json(model: ModelAdapter) -> dict[str, Any]:
 
 
 def predict_with_progress(task: XAIInferTask, data: dict[str, Any], progress: Progress):
-    """The task's current model, the request's image, its prediction and the seconds it took."""
+    """The task's current model, the request's image, its prediction, the seconds it took and the
+    out-of-distribution verdict."""
     progress("load", 0.0)
     model = task.cache.get()
     image = data[IMAGE_KEY]
-    pred, seconds = timed(lambda: model.predict(image))
+    inputs = model.prepare(image)
+    pred, seconds = timed(lambda: model.predict(inputs))
+    # Out of distribution: the class comes with a flag that it is not to be trusted (docs/ood.md).
+    ood = model.assess_input(inputs).model_dump(mode="json")
     progress("write", 0.9)
-    return model, image, pred, seconds
+    return model, image, pred, seconds, ood
 
 
 class ClassifyTask(XAIInferTask):
@@ -52,10 +56,10 @@ class ClassifyTask(XAIInferTask):
                          description="Lesion class with calibrated probabilities (JSON only)", model=model)
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        model, image, pred, seconds = predict_with_progress(self, data, progress)
+        model, image, pred, seconds, ood = predict_with_progress(self, data, progress)
         result_id, _ = self.runtime.results.create()
         result = {**self.base_json(data, result_id), "prediction": prediction_json(pred, model, image),
-                  "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
+                  "model": model_json(model), "timings_s": {"predict": round(seconds, 4)}, "ood": ood,
                   "software": software_versions()}
         self.finish(data, result_id, ClassificationResult.model_validate(result).model_dump(mode="json"), None)
 
@@ -69,7 +73,7 @@ class SegmentTask(XAIInferTask):
                          model=model)
 
     def compute(self, data: dict[str, Any], progress: Progress) -> None:
-        model, image, pred, seconds = predict_with_progress(self, data, progress)
+        model, image, pred, seconds, ood = predict_with_progress(self, data, progress)
         result_id, folder = self.runtime.results.create()
         write_image(pred.lesion_mask, folder / "mask.nii.gz")
         write_image(pred.lesion_probability, folder / "probability.nii.gz")
@@ -77,7 +81,7 @@ class SegmentTask(XAIInferTask):
         result = {**self.base_json(data, result_id), "prediction": prediction_json(pred, model, image),
                   "mask": {"voxels": voxels, "volume_ml": round(voxels * float(np.prod(image.spacing)) / 1000, 3),
                            "threshold": 0.5, "empty": voxels == 0},
-                  "model": model_json(model), "timings_s": {"predict": round(seconds, 4)},
+                  "model": model_json(model), "timings_s": {"predict": round(seconds, 4)}, "ood": ood,
                   "software": software_versions()}
         self.finish(data, result_id, SegmentationResult.model_validate(result).model_dump(mode="json"),
                     "mask.nii.gz")

@@ -129,13 +129,21 @@ def findings_table(result: Mapping[str, Any]) -> tuple[tuple[str, ...], list[lis
 
 
 def quality_flags(result: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """``(severity, code, message)`` of every quality flag of the findings (errors first)."""
+    """``(severity, code, message)`` of every quality flag of the findings (errors first), and the
+    server's out-of-distribution verdict when the reply has no findings to carry it."""
     order = {"error": 0, "warning": 1, "info": 2}
     flags = [(str(get(q, "findings.quality_flags[].severity", "info")),
               str(get(q, "findings.quality_flags[].code", "")),
               str(get(q, "findings.quality_flags[].message", "")))
              for q in items(result, "findings.quality_flags")]
+    if get(result, "ood.flagged") and not any(code == OOD_CODE for _, code, _ in flags):
+        reasons = "; ".join(str(r) for r in (get(result, "ood.reasons") or [])) or "unlike the model's studies"
+        flags.append(("error", OOD_CODE, f"the input is not what the model was made for ({reasons}): its class "
+                                         "and this explanation are not to be trusted"))
     return sorted(flags, key=lambda f: order.get(f[0], 3))
+
+
+OOD_CODE = "out_of_distribution"
 
 
 def counterfactual_sentence(result: Mapping[str, Any]) -> str | None:

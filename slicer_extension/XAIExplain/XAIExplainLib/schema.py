@@ -49,6 +49,7 @@ READS: dict[str, tuple[str, ...]] = {
         "findings.counterfactual.sentence",
         "findings.quality_flags", "findings.quality_flags[].code", "findings.quality_flags[].severity",
         "findings.quality_flags[].message",
+        "ood", "ood.flagged", "ood.reasons",
     ),
 }
 _ALL_READS = frozenset(p for paths in READS.values() for p in paths)
