@@ -243,7 +243,9 @@ def _cmd_ood_fit(a: argparse.Namespace) -> int:
     from .ood import fit_from_folder
 
     model = load(a.model)
-    command = "xai " + " ".join(shlex.quote(v) for v in sys.argv[1:])
+    # From the parsed options, not sys.argv: main(argv) may be called from Python.
+    command = f"xai ood fit --model {shlex.quote(a.model)} --data {shlex.quote(str(a.data))}" + (
+        f" --limit {a.limit}" if a.limit else "") + (f" --out {shlex.quote(str(a.out))}" if a.out else "")
     path, stats = fit_from_folder(model, a.data, out=a.out, limit=a.limit, command=command,
                                   progress=_progress("studies"))
     print(f"wrote {path}: {len(stats.features)} studies, {len(stats.features[0])} features, threshold "

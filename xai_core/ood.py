@@ -108,7 +108,7 @@ def _fmt(v: float) -> str:
 
 
 def _check(name: str, value: float | None, limit: float, ok: bool, reason: str) -> OODCheck:
-    return OODCheck(name=name, value=None if value is None else float(value), limit=float(limit), passed=ok,
+    return OODCheck(name=name, value=None if value is None else float(value), limit=float(limit), passed=bool(ok),
                     reason=None if ok else reason)
 
 
