@@ -365,8 +365,14 @@ def make_study(seed: int, index: int, label: str | None = None,
     return st.image, st.mask, st.info
 
 
-def _base_image(opts_draw: _Draw):
-    """Pre-lesion image on the reference grid, its brain/depth maps and contrast levels."""
+def _base_image(opts_draw: _Draw) -> tuple:
+    """Pre-lesion image on the reference grid and what the lesion step needs with it.
+
+    Returns ``(image, brain, depth, wm, anatomy, head, levels)``: ``wm`` is the scale lesions and
+    MR variation work in (the 90th percentile of the brain, as historically), ``anatomy`` and
+    ``head`` are None on the historic path, ``levels`` is ``(tissues, lesions)`` for synthesised
+    contrasts and None for T1, whose lesions keep their historic rendering.
+    """
     from . import anatomy as A
 
     if opts_draw.template == "mni152" and not opts_draw.skull and opts_draw.contrast == "t1":
