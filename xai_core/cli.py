@@ -273,6 +273,7 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="xai", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="make sample data").add_subparsers(dest="what", required=True)
@@ -411,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a sub-command. Bad input (an unreadable image, an unknown target, method or model) is one
-    line on stderr and exit code 2; ``XAI_DEBUG=1`` shows the traceback instead."""
+    line on stderr and exit code 2; ``--debug`` (or ``XAI_DEBUG=1``) shows the traceback instead."""
     import os
 
     from .explain import TargetError
@@ -421,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ImageError, TargetError, ValueError, KeyError, FileNotFoundError) as exc:
-        if os.environ.get("XAI_DEBUG"):
+        if args.debug or os.environ.get("XAI_DEBUG"):
             raise
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"xai {args.command}: error: {msg}", file=sys.stderr)
