@@ -28,7 +28,7 @@ from .brain_lesion_net import BrainLesionNet, ClassLogits
 from .grid import ModelGrid, normalise_intensity, to_tensor
 
 __all__ = ["ModelCard", "ModelAdapter", "LesionModel", "ModelInput", "Prediction", "load", "available_models",
-           "build_network", "ADAPTERS"]
+           "build_network", "ADAPTERS", "load_card_file"]
 
 ARCHITECTURES = {"BrainLesionNet": BrainLesionNet}
 
@@ -167,12 +167,22 @@ def load(name: str = "brain-lesion-3d", device: str | torch.device | None = None
             break
     else:
         raise KeyError(f"unknown model {name!r}; available: {available_models(weights_dir, settings)}")
+    return load_card_file(card_path, device=device, settings=settings)
+
+
+def load_card_file(card_path: Path, device: str | torch.device | None = None,
+                   settings: Settings | None = None, weights: Path | None = None) -> ModelAdapter:
+    """Load the model whose card is ``card_path`` (weights: ``weights``, default the ``.pt`` beside
+    it) as the adapter of its card's kind. Published fine-tuned versions live under their version
+    name (``<user weights>/versions/<model>/<version>.json``), not ``<name>.json``, so they are
+    loaded by path."""
+    card_path = Path(card_path)
     card = ModelCard.model_validate(json.loads(card_path.read_text()))
     adapter = ADAPTERS.get(card.kind)
     if adapter is None:
-        raise ValueError(f"model {name!r} has kind {card.kind!r}, which no adapter serves ({sorted(ADAPTERS)})")
+        raise ValueError(f"model {card.name!r} has kind {card.kind!r}, which no adapter serves ({sorted(ADAPTERS)})")
     net = build_network(card)
-    state = torch.load(card_path.with_suffix(".pt"), map_location="cpu", weights_only=True)
+    state = torch.load(weights or card_path.with_suffix(".pt"), map_location="cpu", weights_only=True)
     net.load_state_dict({k: v.float() for k, v in state.items()})
     dev = resolve_device(str(device) if device is not None else (settings or Settings()).device)
     return adapter(card, net, dev)
