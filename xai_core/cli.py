@@ -41,10 +41,18 @@ def _cmd_make_brain(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    if a.model == "mae-3d":  # MedLIME's generative in-filler (xai_core/mae.py, docs/medlime.md)
+        from .mae import train_mae
+
+        cmd = " ".join(["xai", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xai") else ""
+        path = train_mae(a.data, a.out, val=a.val, minutes=a.minutes, seed=a.seed,
+                         lr=a.lr if a.lr is not None else 1e-3, version=a.version, command=cmd)
+        print(f"wrote {path} and {path.with_suffix('.json')}")
+        return 0
     from .train import train
 
     train(a.model, Path(a.data), val_dir=Path(a.val) if a.val else None, out_dir=Path(a.out),
-          epochs=a.epochs, seed=a.seed, resume=a.resume, lr=a.lr,
+          epochs=a.epochs, seed=a.seed, resume=a.resume, lr=a.lr if a.lr is not None else 3e-3,
           init=Path(a.init) if a.init else None, version=a.version)
     return 0
 
@@ -301,9 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--epochs", type=int, default=30)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    tr.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (one-cycle schedule)")
+    tr.add_argument("--lr", type=float, default=None, help="peak learning rate (one-cycle schedule; default 3e-3, "
+                                                          "mae-3d: 1e-3)")
     tr.add_argument("--init", default=None, help="start from these weights (.pt of an earlier run)")
     tr.add_argument("--version", default="1.0.0", help="model version written into the card")
+    tr.add_argument("--minutes", type=float, default=12.0, help="mae-3d only: wall-time budget of the training")
     tr.set_defaults(func=_cmd_train)
 
     me = sub.add_parser("model-eval", help="accuracy and segmentation Dice of a model on studies")

@@ -1,0 +1,135 @@
+"""LIME / MedLIME: perturbation units, masks, kernel, surrogate, fills (tiny synthetic black boxes only)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from xai_core.explain import available_methods, get_explainer
+from xai_core.explain.fills import BlurFill, ConstantFill, MeanFill, make_fill
+from xai_core.explain.lime import fit_surrogate, patch_units, proximity, sample_masks
+
+torch.set_num_threads(1)
+
+
+class LinearBox(torch.nn.Module):
+    """Class logits ``sum_u a[c, u] * mean(x over unit u)``: a black box that is exactly linear in the units."""
+
+    def __init__(self, a: torch.Tensor, labels: torch.Tensor):
+        super().__init__()
+        self.a, self.labels = a, labels
+        n_units = a.shape[1]
+        counts = torch.bincount(labels.flatten(), minlength=n_units).float()
+        # (V, n_units) averaging matrix, then (V, C) weights per voxel
+        avg = torch.zeros(labels.numel(), n_units).scatter_(1, labels.flatten()[:, None], 1.0) / counts
+        self.m = avg @ a.T
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += x.shape[0]
+        return x.flatten(1) @ self.m
+
+
+def test_units_cover_the_grid_in_row_major_order_and_skip_empty_background():
+    u = patch_units((10, 7), 4)
+    assert u.grid == (3, 2) and u.n_units == 6 and u.d == 6
+    assert u.labels[0, 0] == 0 and u.labels[0, 6] == 1 and u.labels[4, 0] == 2 and u.labels[9, 6] == 5
+    assert torch.bincount(u.labels.flatten()).tolist() == [16, 12, 16, 12, 8, 6]  # edge units are smaller
+    x = torch.zeros(1, 8, 8, 8)
+    x[0, 5, 1, 6] = 1.0  # one bright voxel: only its cube is a feature
+    u3 = patch_units((8, 8, 8), 4, x)
+    assert u3.features.tolist() == [1 * 4 + 0 * 2 + 1]
+    w = torch.tensor([2.5])
+    painted = u3.paint(w)
+    assert painted.shape == (8, 8, 8) and painted[4:, :4, 4:].eq(2.5).all() and painted.sum() == 2.5 * 64
+    hidden = u3.hidden_voxels(torch.tensor([[False], [True]]))
+    assert hidden[0].sum() == 64 and hidden[0, 4:, :4, 4:].all() and not hidden[1].any()
+
+
+def test_masks_hide_the_asked_ratios_and_kernel_favours_near_samples():
+    g = torch.Generator().manual_seed(0)
+    keep = sample_masks(9, 40, (0.1, 0.25, 0.5), g)
+    assert keep.shape == (9, 40)
+    assert (~keep).sum(1).tolist() == [4, 10, 20] * 3
+    pi = proximity(keep, 0.25)
+    assert pi[0] > pi[1] > pi[2]
+    d = 1 - math.sqrt(30 / 40)
+    assert pi[1].item() == pytest.approx(math.exp(-d * d / 0.0625))
+    assert proximity(torch.ones(1, 40, dtype=torch.bool), 0.25).item() == 1.0
+    with pytest.raises(ValueError, match="ratios"):
+        sample_masks(4, 10, (0.0, 1.0), g)
+
+
+def test_surrogate_recovers_known_patch_weights_from_a_linear_black_box():
+    """Zero fill on a linear box: hiding unit u lowers logit c by exactly a[c, u] * mean_u(x)."""
+    torch.manual_seed(0)
+    spatial = (16, 16, 16)
+    units = patch_units(spatial, 4)  # 64 units
+    a = torch.randn(3, units.n_units)
+    box = LinearBox(a, units.labels)
+    x = 0.5 + torch.rand(1, 1, *spatial)
+    lime = get_explainer("lime")(box, patch=4, n_samples=160, fill="zero", alpha=0.0, batch_size=32)
+    att = lime.attribute(x, target=[[0, 2]])
+    truth = a[[0, 2]] * units.unit_means(x[0, 0]).float()  # (2, 64) weights per unit
+    assert att.raw[0].shape == (1, 2, 1, *spatial)
+    got = torch.stack([att.raw[0][0, t, 0][::4, ::4, ::4].flatten() for t in range(2)])
+    assert torch.allclose(got, truth, atol=1e-4, rtol=1e-4)
+    assert min(att.extras["surrogate_r2"]) > 0.9999
+    assert box.calls == 1 + 160  # the original once, then every sample once
+    assert att.maps.shape == (1, 2, *spatial) and float(att.maps.max()) == 1.0
+
+
+def test_l1_surrogate_finds_the_sparse_support():
+    torch.manual_seed(1)
+    n, d = 300, 50
+    z = (torch.rand(n, d) > 0.3).float()
+    w_true = torch.zeros(d)
+    w_true[[3, 17, 40]] = torch.tensor([2.0, -1.5, 1.0])
+    y = 0.7 + z @ w_true + 0.05 * torch.randn(n)
+    pi = torch.rand(n) + 0.5
+    dense = fit_surrogate(z, y, pi)
+    sparse = fit_surrogate(z, y, pi, lambda1=0.02)
+    assert sparse.solver.startswith("FISTA") and dense.solver.startswith("closed")
+    off = torch.ones(d, dtype=torch.bool)
+    off[[3, 17, 40]] = False
+    assert (sparse.w[0, off] == 0).float().mean() > 0.8 > (dense.w[0, off] == 0).float().mean()
+    assert torch.allclose(sparse.w[0, ~off], w_true[~off], atol=0.15)
+    # The evidence term: with a large lambda2 the weights go to the prior.
+    prior = torch.full((d,), 0.3)
+    pulled = fit_surrogate(z, y, pi, lambda2=1e4, prior=prior)
+    assert torch.allclose(pulled.w[0], prior, atol=1e-2)
+
+
+def test_batch_size_does_not_change_the_explanation():
+    torch.manual_seed(2)
+    units = patch_units((12, 12), 3)
+    box = LinearBox(torch.randn(2, units.n_units), units.labels)
+    x = torch.rand(1, 1, 12, 12)
+    r1 = get_explainer("lime")(box, patch=3, n_samples=40, batch_size=1).attribute(x).raw[0]
+    r2 = get_explainer("lime")(box, patch=3, n_samples=40, batch_size=64).attribute(x).raw[0]
+    assert torch.allclose(r1, r2, atol=1e-5)
+
+
+def test_fills_change_only_hidden_voxels():
+    torch.manual_seed(3)
+    x = torch.rand(1, 1, 8, 8, 8) + 0.1
+    x[..., :2] = 0.0  # background
+    hidden = torch.zeros(3, 8, 8, 8, dtype=torch.bool)
+    hidden[0, :4] = True
+    hidden[2, 4:, 4:] = True
+    fg_mean = x[x > 0].mean()
+    for fill in (ConstantFill(0.0), MeanFill(x), BlurFill(1.5), make_fill("mean", x)):
+        out = fill(x, hidden)
+        assert out.shape == (3, 1, 8, 8, 8)
+        assert torch.equal(out[~hidden[:, None].expand_as(out)], x.expand_as(out)[~hidden[:, None].expand_as(out)])
+    assert torch.allclose(MeanFill(x)(x, hidden)[0, 0, 0], fg_mean.expand(8, 8))
+    with pytest.raises(ValueError, match="unknown fill"):
+        make_fill("noise", x)
+
+
+def test_lime_is_registered_as_a_black_box_method():
+    assert "lime" in available_methods("volume-classifier")
+    cls = get_explainer("lime")
+    assert cls.needs == "forward" and cls.display == "positive"
