@@ -133,3 +133,37 @@ def test_lime_is_registered_as_a_black_box_method():
     assert "lime" in available_methods("volume-classifier")
     cls = get_explainer("lime")
     assert cls.needs == "forward" and cls.display == "positive"
+
+
+class BrightnessNet(torch.nn.Module):
+    """Class 1 ('lesion') is confident when the mean foreground intensity is near 1 (what it was 'trained' on);
+    a conv layer with weights, so the test can check that STTA leaves them alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 3, padding=1, bias=False)
+        torch.nn.init.dirac_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        fg = (x > 0).float()
+        m = (h * fg).flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1)
+        return torch.stack([torch.zeros_like(m), 4.0 - 20.0 * (m - 1.0) ** 2], dim=1)
+
+
+def test_stta_lowers_the_loss_on_an_intensity_shifted_input():
+    from xai_core.stta import STTA, photometric
+
+    torch.manual_seed(4)
+    x = torch.zeros(1, 1, 16, 16, 16)
+    x[..., 3:13, 3:13, 3:13] = 0.9 + 0.2 * torch.rand(1, 1, 10, 10, 10)
+    net = BrightnessNet()
+    before_w = net.conv.weight.detach().clone()
+    shifted = x * 0.6  # a darker scanner
+    res = STTA(net, steps=20, n_views=2, lr=0.05).adapt(shifted, label=1)
+    assert res.loss_after < 0.5 * res.loss_before
+    assert res.params["scale"] > 1.1  # it brightened the input back
+    assert net.conv.weight.grad is None and torch.equal(net.conv.weight, before_w)
+    assert torch.equal(res.x_adapted[shifted == 0], shifted[shifted == 0])  # background untouched
+    # The identity parameters give the input back exactly.
+    assert torch.equal(photometric(x, torch.tensor([0.0, 0.0, 0.0, -1e4])), x)
