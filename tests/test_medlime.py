@@ -167,3 +167,108 @@ def test_stta_lowers_the_loss_on_an_intensity_shifted_input():
     assert torch.equal(res.x_adapted[shifted == 0], shifted[shifted == 0])  # background untouched
     # The identity parameters give the input back exactly.
     assert torch.equal(photometric(x, torch.tensor([0.0, 0.0, 0.0, -1e4])), x)
+
+
+def tiny_mae():
+    from xai_core.mae import MAE3D
+
+    torch.manual_seed(5)
+    return MAE3D(img_size=16, patch_size=4, hidden_size=24, mlp_dim=48, num_layers=1, num_heads=4,
+                 decoder_hidden_size=12, decoder_mlp_dim=24, decoder_num_layers=1, decoder_num_heads=2).eval()
+
+
+def test_generative_masking_changes_only_the_hidden_units():
+    from xai_core.explain.fills import MAEFill
+
+    mae = tiny_mae()
+    x = 0.2 + torch.rand(1, 1, 16, 16, 16)
+    units = patch_units((16, 16, 16), 4, x[0])
+    keep = sample_masks(6, units.d, (0.1, 0.5), torch.Generator().manual_seed(0))
+    hidden = units.hidden_voxels(keep)
+    out = MAEFill(mae, batch_size=4)(x, hidden)  # two ratios in one call, across two batches
+    vis = ~hidden[:, None]
+    assert torch.equal(out[vis], x.expand_as(out)[vis])  # visible voxels: the same bits
+    assert (out[~vis] != x.expand_as(out)[~vis]).float().mean() > 0.99  # hidden ones were filled
+    # Tokens are the LIME units: the MAE hides exactly the hidden units.
+    assert torch.equal(mae.tokens_hidden(hidden), ~keep)
+    v = torch.rand(2, 1, 16, 16, 16)
+    assert torch.equal(mae.unpatchify(mae.patchify(v)), v)
+
+
+def test_nadaraya_watson_weights_sum_to_one_and_favour_nearer_cases():
+    import numpy as np
+
+    from xai_core.evidence import EvidenceLibrary, nadaraya_watson
+
+    w, h = nadaraya_watson(np.array([0.05, 0.1, 0.2, 0.4]))
+    assert w.sum() == pytest.approx(1.0) and np.all(np.diff(w) < 0) and h == pytest.approx(0.15)
+    rng = np.random.default_rng(0)
+    f = rng.normal(size=(6, 8)).astype(np.float32)
+    maps = rng.random((6, 64)).astype(np.float32)
+    lib = EvidenceLibrary(features=f, maps=maps, case_ids=[f"c{i}" for i in range(6)],
+                          labels=["glioma", "none", "glioma", "metastasis", "meningioma", "glioma"], patch=4,
+                          grid=(4, 4, 4))
+    query = f[0] + 0.05 * f[2]  # nearest to case 0, then case 2
+    nb = lib.neighbours(query, k=3)
+    assert nb.case_ids[0] == "c0" and "c1" not in nb.case_ids  # abnormal cases only
+    assert nb.weights.sum() == pytest.approx(1.0) and np.all(np.diff(nb.weights) <= 0)
+    assert np.all(np.diff(nb.distances) >= 0)
+    idx = [int(c[1:]) for c in nb.case_ids]
+    assert np.allclose(nb.w_nw, (nb.weights[:, None] * maps[idx]).sum(0), atol=1e-6)
+    assert lib.neighbours(query, k=3, exclude="c0").case_ids[0] != "c0"
+    assert lib.neighbours(query, k=3, mode="random", seed=1).mode == "random"
+
+
+def test_evidence_library_round_trip_and_one_load_per_process(tmp_path):
+    import numpy as np
+
+    from xai_core.evidence import EvidenceLibrary, default_library, load_library, set_default_library
+
+    lib = EvidenceLibrary(features=np.eye(3, 4), maps=np.ones((3, 8)), case_ids=["a", "b", "c"],
+                          labels=["none", "glioma", "glioma"], patch=4, grid=(2, 2, 2), meta={"maps": "lesion"})
+    path = lib.save(tmp_path / "lib.evidence")
+    again = load_library(path)
+    assert again.case_ids == ["a", "b", "c"] and again.meta["maps"] == "lesion" and again.grid == (2, 2, 2)
+    assert load_library(path) is again
+    try:
+        assert set_default_library(path) is again and default_library() is again
+    finally:
+        set_default_library(None)
+
+
+def test_medlime_names_the_evidence_cases_and_adapts_the_input():
+    import numpy as np
+
+    from xai_core.evidence import EvidenceLibrary
+
+    torch.manual_seed(6)
+    mae = tiny_mae()
+    units = patch_units((16, 16, 16), 4)
+    box = LinearBox(torch.randn(2, units.n_units), units.labels)
+    x = 0.5 + torch.rand(1, 1, 16, 16, 16)
+    rng = np.random.default_rng(1)
+    feats = np.stack([mae.embed(0.5 + torch.rand(1, 1, 16, 16, 16))[0].numpy() for _ in range(5)])
+    # Past cases' maps resemble this case's weights (so the fitted prior scale is positive), with noise.
+    truth = (box.a[1] * units.unit_means(x[0, 0]).float()).numpy()
+    maps = truth[None] + 0.3 * np.abs(truth).mean() * rng.normal(size=(5, units.n_units))
+    lib = EvidenceLibrary(features=feats, maps=maps, case_ids=list("vwxyz"),
+                          labels=["glioma"] * 4 + ["none"], patch=4, grid=units.grid)
+    common = dict(patch=4, n_samples=48, mae=mae, fill="mae", stta_steps=3, evidence=lib, k=3)
+    att = get_explainer("medlime")(box, **common).attribute(x, target=1)
+    ev = att.extras["evidence"]
+    assert ev["mode"] == "knn" and len(ev["cases"]) == 3 and "z" not in [c["case"] for c in ev["cases"]]
+    assert sum(c["weight"] for c in ev["cases"]) == pytest.approx(1.0, abs=1e-5)
+    assert att.extras["stta"]["steps"] == 3 and att.extras["fill"]["fill"] == "mae"
+    assert att.raw[0].shape == (1, 1, 1, 16, 16, 16)
+    # A heavy evidence term makes the weights follow the (scaled) evidence map.
+    heavy = get_explainer("medlime")(box, **{**common, "lambda2": 1e6, "lambda1": 0.0}).attribute(x, target=1)
+    nw = torch.tensor(np.sum([c["weight"] * lib.maps[lib.case_ids.index(c["case"])] for c in
+                              heavy.extras["evidence"]["cases"]], axis=0)).double()
+    got = heavy.raw[0][0, 0, 0][::4, ::4, ::4].flatten().double()
+    scale = heavy.extras["prior_scale"][0]
+    assert scale > 0 and torch.allclose(got, scale * nw, atol=1e-3 * float(nw.abs().max()) * scale)
+    light = get_explainer("medlime")(box, **{**common, "lambda2": 1e-6, "lambda1": 0.0}).attribute(x, target=1)
+    assert not torch.allclose(light.raw[0], heavy.raw[0], atol=1e-2)
+    off = get_explainer("medlime")(box, **{**common, "ebr": "off", "stta_steps": 0}).attribute(x, target=1)
+    assert off.extras["evidence"] == {"mode": "off"} and off.extras["stta"] is None
+    assert "medlime" in available_methods("volume-classifier")

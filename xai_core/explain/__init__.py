@@ -3,7 +3,8 @@
 Registered here: ``gradcam``, ``gradcam++``, ``scorecam`` (the CAM family, on a module's layer);
 ``ig`` (integrated gradients on the voxels, any differentiable function) and ``relig`` (layer
 integrated gradients at an early layer with noise tunnelling, :mod:`.integrated_gradients`);
-``lime`` (LIME on fixed cubes, :mod:`.lime`; a forward function is enough).
+``lime`` (LIME on fixed cubes, :mod:`.lime`) and ``medlime`` (with generative masking, test-time
+adaptation and evidence from similar cases, :mod:`.medlime`); a forward function is enough for both.
 The contract (inputs, targets, raw signed attributions, display view, progress and cancel) is in
 :mod:`xai_core.explain.base`; the one target parser in :mod:`xai_core.explain.targets`.
 """
@@ -24,6 +25,7 @@ from .base import (
 from .gradcam import GradCAM, GradCAMPlusPlus
 from .integrated_gradients import RELIG, IntegratedGradients, LayerIntegratedGradients
 from .lime import LIME
+from .medlime import MedLIME
 from .noise_tunnel import NoiseTunnel
 from .scorecam import ScoreCAM
 from .targets import TargetError, parse_target, resolve_targets, target_classes
@@ -38,6 +40,7 @@ __all__ = [
     "IntegratedGradients",
     "LayerIntegratedGradients",
     "LIME",
+    "MedLIME",
     "NoiseTunnel",
     "RELIG",
     "ScoreCAM",

@@ -174,11 +174,12 @@ class Surrogate:
     r2: torch.Tensor
     solver: str
     iterations: int
+    prior_scale: torch.Tensor | None = None
 
 
 def fit_surrogate(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, *, lambda1: float = 0.0,
-                  lambda2: float = 0.0, prior: torch.Tensor | None = None, max_iter: int = 500,
-                  tol: float = 1e-6) -> Surrogate:
+                  lambda2: float = 0.0, prior: torch.Tensor | None = None, scale_prior: bool = False,
+                  max_iter: int = 500, tol: float = 1e-6) -> Surrogate:
     """Weighted linear surrogate with an L1 term and a pull towards ``prior`` (module docstring, step 5).
 
     Args:
@@ -188,6 +189,9 @@ def fit_surrogate(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, *, lambda1
         lambda1: L1 weight (sparsity); 0 gives the closed form.
         lambda2: weight of ``|w - prior|^2``; with ``prior=None`` it is a ridge towards 0.
         prior: ``(T, d)`` or ``(d,)`` the weights the fit is pulled towards.
+        scale_prior: pull towards ``alpha_t prior_t`` with ``alpha_t >= 0`` the least-squares scale of the
+            prior on the samples, ``alpha_t = max(0, m' c / m' A m)`` (a prior map from other cases has
+            a shape but not this case's logit scale); reported as ``prior_scale``.
     """
     y2 = y[:, None] if y.ndim == 1 else y
     zd, yd, p = z.double(), y2.double(), pi.double().clamp(min=0)
@@ -202,6 +206,10 @@ def fit_surrogate(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, *, lambda1
     c = zc.T @ (p[:, None] * yc)  # (d, T)
     w0 = torch.zeros(d, t, dtype=torch.float64, device=z.device) if prior is None else \
         (prior.double().reshape(-1, d).T.expand(d, t) if prior.ndim == 1 or prior.shape[0] == 1 else prior.double().T)
+    alpha = None
+    if prior is not None and scale_prior:
+        alpha = ((w0 * c).sum(0) / (w0 * (a @ w0)).sum(0).clamp(min=1e-300)).clamp(min=0.0)  # (T,)
+        w0 = w0 * alpha
     # A tiny ridge keeps the system solvable when d > N or a unit never hides; it is 1e-9 of A's scale.
     eps = 1e-9 * float(torch.diagonal(a).mean().clamp(min=1e-12))
     lhs = a + (lambda2 + eps) * torch.eye(d, dtype=torch.float64, device=z.device)
@@ -230,7 +238,8 @@ def fit_surrogate(z: torch.Tensor, y: torch.Tensor, pi: torch.Tensor, *, lambda1
     ss_res = (p[:, None] * resid ** 2).sum(0)
     ss_tot = (p[:, None] * yc ** 2).sum(0)
     r2 = torch.where(ss_tot > 0, 1.0 - ss_res / ss_tot.clamp(min=1e-300), torch.ones_like(ss_tot))
-    return Surrogate(w=w.T.float(), b=b.float(), r2=r2.float(), solver=solver, iterations=it)
+    return Surrogate(w=w.T.float(), b=b.float(), r2=r2.float(), solver=solver, iterations=it,
+                     prior_scale=None if alpha is None else alpha.float())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,7 +292,8 @@ class LIME(Explainer):
 
     def _prior(self, x: torch.Tensor, units: PatchUnits, targets: torch.Tensor,
                logits: torch.Tensor) -> tuple[torch.Tensor | None, float, dict[str, Any]]:
-        """``(prior (T, d) or None, lambda2, diagnostics)`` for the surrogate (LIME: ridge towards 0)."""
+        """``(prior (T, d) or None, lambda2, diagnostics)`` for the surrogate (LIME: ridge towards 0). A
+        prior is scaled to the samples (``fit_surrogate(scale_prior=True)``)."""
         return None, self.alpha, {}
 
     def _make_fill(self, x: torch.Tensor) -> Fill:
@@ -316,8 +326,11 @@ class LIME(Explainer):
         z = torch.cat([torch.ones(1, units.d, dtype=torch.bool), keep]).float()
         pi = proximity(z.bool(), self.sigma)
         prior, lambda2, prior_info = self._prior(x_used, units, targets, logits_used)
-        fit = fit_surrogate(z, y.cpu(), pi, lambda1=self.lambda1, lambda2=lambda2, prior=prior)
+        fit = fit_surrogate(z, y.cpu(), pi, lambda1=self.lambda1, lambda2=lambda2, prior=prior,
+                            scale_prior=prior is not None)
         extras.update(prior_info)
+        if fit.prior_scale is not None:
+            extras["prior_scale"] = [round(float(v), 6) for v in fit.prior_scale]
         extras.update({"units": units.d, "unit_grid": list(units.grid), "patch_voxels": list(units.patch),
                        "n_samples": self.n_samples, "ratios": list(self.ratios), "sigma": self.sigma,
                        "fill": fill.describe(), "solver": fit.solver, "solver_iterations": fit.iterations,
