@@ -275,6 +275,21 @@ def _serve_module():
     return monai_app.serve
 
 
+def _cmd_evidence_build(a: argparse.Namespace) -> int:
+    from .evidence import build_library
+    from .models import load
+    from .settings import Settings
+
+    model = load(a.model, settings=Settings())
+    cmd = " ".join(["xai", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xai") else ""
+    lib = build_library(model, a.data, a.out, patch=a.patch, maps=a.maps, samples=a.samples, limit=a.limit,
+                        progress=_progress("cases"), command=cmd)
+    n_abn = sum(lab != "none" for lab in lib.labels)
+    print(f"wrote {a.out}: {len(lib)} cases ({n_abn} abnormal), {lib.features.shape[1]} features, "
+          f"{lib.maps.shape[1]} units of {a.patch}^3 voxels, maps: {a.maps}")
+    return 0
+
+
 def _cmd_serve(a: argparse.Namespace) -> int:
     return _serve_module().run(a)
 
@@ -411,6 +426,20 @@ def build_parser() -> argparse.ArgumentParser:
     of.add_argument("--out", default=None, help="JSON to write (default: <model>.ood.json beside the weights)")
     of.add_argument("--limit", type=int, default=None)
     of.set_defaults(func=_cmd_ood_fit)
+
+    evd = sub.add_parser("evidence", help="MedLIME's evidence library (docs/medlime.md)").add_subparsers(
+        dest="what", required=True)
+    eb_ = evd.add_parser("build", help="features and patch-weight maps of training cases, for MedLIME's EBR")
+    eb_.add_argument("--model", default="brain-lesion-3d", help="model name (its grid and, for --maps lime, "
+                                                                 "its forward)")
+    eb_.add_argument("--data", required=True, help="training studies folder with manifest.csv")
+    eb_.add_argument("--out", required=True, help="library file to write (.npz)")
+    eb_.add_argument("--maps", choices=("lesion", "lime"), default="lesion",
+                     help="unit maps: ground-truth lesion fraction (default) or plain-LIME weights")
+    eb_.add_argument("--patch", type=int, default=8, help="unit side in model-grid voxels (MedLIME's patch)")
+    eb_.add_argument("--samples", type=int, default=256, help="LIME samples per case (--maps lime)")
+    eb_.add_argument("--limit", type=int, default=None)
+    eb_.set_defaults(func=_cmd_evidence_build)
 
     serve = _serve_module()
     if serve is not None:
