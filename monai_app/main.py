@@ -7,7 +7,9 @@ MONAI Label loads this file and instantiates the one class whose *direct* base i
 whose tasks keep their plain names; the others' tasks are named ``<model>.<task>``) or ``model``
 (one model; default ``brain-lesion-3d``), ``device`` (``auto``,
 ``cpu``, ``cuda:0``; default ``XAI_DEVICE``), ``token`` (default ``XAI_TOKEN``), ``max_upload_mb``
-(default ``XAI_MAX_UPLOAD_MB``), ``results_dir``, ``results_keep``, ``jobs_keep``.
+(default ``XAI_MAX_UPLOAD_MB``), ``results_dir``, ``results_keep``, ``jobs_keep``, ``evidence`` (MedLIME's
+evidence library file from ``xai evidence build``, loaded once at start and used by every ``medlime`` task;
+without it MedLIME runs without evidence regularisation and says so in its result).
 """
 
 from __future__ import annotations
@@ -45,11 +47,27 @@ def _refuse_unguarded_server(token: str) -> None:
             "(docs/server.md)")
 
 
+def _load_medlime_resources(evidence: str | None) -> None:
+    """Shared resources of the MedLIME tasks, loaded once at start: the evidence library (``--conf evidence``)
+    and the masked autoencoder (when its weights ship); a missing library file stops the start."""
+    from xai_core.evidence import set_default_library
+    from xai_core.mae import load_mae
+
+    if evidence:
+        lib = set_default_library(evidence)
+        log.info("evidence library %s: %d cases", evidence, len(lib))
+    try:
+        load_mae()
+    except FileNotFoundError as exc:  # MedLIME tasks then fail with this message; the others are unaffected
+        log.warning("%s", exc)
+
+
 class XAIApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         # The runtime exists before MONAI Label's constructor, which calls init_datastore/init_infers.
         self.xai = XAIRuntime(AppOptions.from_conf(conf, studies))
         _refuse_unguarded_server(self.xai.options.token)
+        _load_medlime_resources(conf.get("evidence"))
         self.task_configs = []
         for name in self.xai.options.models:
             kind = self.xai.cache(name).kind()
