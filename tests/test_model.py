@@ -99,6 +99,10 @@ def test_model_eval_figures_agree_with_the_predictions(heldout_studies, default_
         sel = [p.label == r["label"] for r, _, p in first if r["label"] == name]
         assert acc == pytest.approx(np.mean(sel))
     assert "none" not in res["dice_per_class"]
+    lesion = [p.label != "none" for r, _, p in first if r["label"] != "none"]
+    clear = [p.label == "none" for r, _, p in first if r["label"] == "none"]
+    assert res["sensitivity"] == pytest.approx(np.mean(lesion))
+    assert (res["specificity"] == pytest.approx(np.mean(clear))) if clear else np.isnan(res["specificity"])
     assert all(0.0 <= v <= 1.0 for v in res["auroc"].values() if not np.isnan(v))
     assert 0.0 <= res["ece_calibrated"] <= 1.0
 
@@ -109,3 +113,9 @@ def test_model_eval_figures_agree_with_the_predictions(heldout_studies, default_
     written = json.loads(card.read_text())
     assert written["metrics"]["validation"] == {"n": 1}
     assert written["metrics"]["heldout"]["n"] == 2 and written["metrics"]["heldout"]["data"] == "fixture"
+    # A named condition goes beside the historic held-out figures, not over them.
+    assert main(["model-eval", "brain-lesion-3d", "--data", str(folder), "--limit", "1", "--card", str(card),
+                 "--condition", "skull_on_t2"]) == 0
+    written = json.loads(card.read_text())
+    assert written["metrics"]["heldout"]["n"] == 2
+    assert written["metrics"]["heldout_conditions"]["skull_on_t2"]["n"] == 1

@@ -119,7 +119,7 @@ def test_two_settings_give_two_registration_checks_and_grids():
     coarse = Settings(registration_spacing_mm=8.0)
     ok = check_registration(image, ident, settings=coarse)
     strict = check_registration(image, ident, settings=Settings(registration_spacing_mm=8.0,
-                                                                registration_min_ncc=1.01))
+                                                                registration_min_edge_ncc=1.01))
     assert not ok["likely_failed"] and ok["ncc"] > 0.99
     assert strict["likely_failed"] and "NCC" in strict["reason"]
     assert strict["ncc"] == pytest.approx(ok["ncc"])

@@ -235,9 +235,14 @@ def _cmd_model_eval(a: argparse.Namespace) -> int:
         # (a training run's), so evaluation never edits the shipped folder behind anyone's back.
         card_path = Path(a.card)
         card = json.loads(card_path.read_text())
-        card.setdefault("metrics", {})["heldout"] = {
-            "data": a.card_data or str(a.data), "command": " ".join(["xai", "model-eval", a.model, "--data",
-                                                                     str(a.data)]), **summary}
+        entry = {"data": a.card_data or str(a.data),
+                 "command": " ".join(["xai", "model-eval", a.model, "--data", str(a.data)]), **summary}
+        if a.condition:
+            # Per-condition held-out figures (skull, contrast, slice thickness...) sit beside the
+            # historic held-out set, which stays the regression reference.
+            card.setdefault("metrics", {}).setdefault("heldout_conditions", {})[a.condition] = entry
+        else:
+            card.setdefault("metrics", {})["heldout"] = entry
         tmp = card_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(card, indent=2))
         tmp.replace(card_path)
@@ -338,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--out", default=None, help="JSON file for the per-study results")
     me.add_argument("--card", default=None, help="write the figures into this model card JSON as metrics.heldout")
     me.add_argument("--card-data", default=None, help="how the studies were made, for the card")
+    me.add_argument("--condition", default=None,
+                    help="with --card: write into metrics.heldout_conditions[NAME] instead (e.g. skull_on_t2)")
     me.set_defaults(func=_cmd_model_eval)
 
     from .explain import available_methods

@@ -133,8 +133,9 @@ def write_results(rows: list[dict], out_dir: str | Path) -> dict[str, Path]:
 
 def model_accuracy(data_dir: str | Path, model: ModelAdapter | None = None, limit: int | None = None) -> dict:
     """Classification and segmentation-head figures of ``model`` on the studies of ``data_dir``, on
-    each study's input grid: accuracy (overall and per class), mean lesion Dice (overall and per
-    class, lesion studies only), one-vs-rest AUROC per class and the calibrated top-label ECE."""
+    each study's input grid: accuracy (overall and per class), lesion-versus-none sensitivity and
+    specificity, mean lesion Dice (overall and per class, lesion studies only), one-vs-rest AUROC per
+    class and the calibrated top-label ECE."""
     model = model or load_model("brain-lesion-3d")
     rows = read_manifest(data_dir)[:limit]
     per = []
@@ -151,9 +152,14 @@ def model_accuracy(data_dir: str | Path, model: ModelAdapter | None = None, limi
     correct = np.array([p["predicted"] == p["label"] for p in per], dtype=bool)
     dices = [p["dice"] for p in per if p["dice"] is not None]
     present = [c for c in classes if any(p["label"] == c for p in per)]
+    lesion = np.array([p["label"] != "none" for p in per], dtype=bool)
+    called = np.array([p["predicted"] != "none" for p in per], dtype=bool)
     return {
         "n": len(per),
         "accuracy": float(correct.mean()) if per else float("nan"),
+        # Lesion versus none, whatever the class: a lesion called the wrong kind is still found.
+        "sensitivity": float(called[lesion].mean()) if lesion.any() else float("nan"),
+        "specificity": float((~called[~lesion]).mean()) if (~lesion).any() else float("nan"),
         "mean_dice": float(np.mean(dices)) if dices else float("nan"),
         "accuracy_per_class": {c: float(correct[labels == classes.index(c)].mean()) for c in present},
         "dice_per_class": {c: float(np.mean([p["dice"] for p in per if p["label"] == c]))

@@ -53,7 +53,10 @@ class Settings(BaseSettings):
     registration_bspline: bool = Field(False, description="add a deformable B-spline stage after the affine")
     registration_bspline_mesh_mm: float = Field(60.0, description="B-spline control point spacing, mm")
     # Quality gates (thresholds measured in docs/atlas.md): below them a registration is likely_failed.
-    registration_min_ncc: float = Field(0.6, description="least NCC of warped input and template in the brain")
+    registration_min_edge_ncc: float = Field(0.5, description="least NCC of the gradient magnitudes of warped input "
+                                             "and template in the brain grown by 5 mm")
+    registration_min_coverage: float = Field(0.6, description="least fraction of the template brain inside a "
+                                             "skull-on input's foreground")
     registration_min_dice: float = Field(0.8, description="least Dice of warped input foreground and template brain")
     registration_det_range: tuple[float, float] = Field((0.5, 2.0),
                                                         description="allowed volume change of the affine part")
