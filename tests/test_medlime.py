@@ -272,3 +272,68 @@ def test_medlime_names_the_evidence_cases_and_adapts_the_input():
     off = get_explainer("medlime")(box, **{**common, "ebr": "off", "stta_steps": 0}).attribute(x, target=1)
     assert off.extras["evidence"] == {"mode": "off"} and off.extras["stta"] is None
     assert "medlime" in available_methods("volume-classifier")
+
+
+def _image(shape=(30, 30, 30), spacing=4.0, seed=0):
+    import numpy as np
+
+    from xai_core.io import Image
+
+    a = np.random.default_rng(seed).random(shape).astype(np.float32) * 100 + 50
+    half = (np.asarray(shape[::-1]) - 1) * spacing / 2
+    return Image(array=a, spacing=(spacing,) * 3, origin=tuple(-half), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1))
+
+
+def test_infiller_batch_protocol_mae_and_fallback():
+    import numpy as np
+
+    from xai_core.counterfactual import BatchInFiller, InFiller, fill_batch
+    from xai_core.mae import MAE3D, MAEInFiller
+
+    image = _image()
+    regions = np.zeros((3, 30, 30, 30), bool)
+    regions[0, 5:12, 5:12, 5:12] = True
+    regions[1, 20:22, 3:25, 10:11] = True  # thin: hidden on the grid through the voxels it touches
+    torch.manual_seed(7)
+    mae_filler = MAEInFiller(MAE3D().eval())
+    assert isinstance(mae_filler, BatchInFiller) and isinstance(mae_filler, InFiller)
+    out = fill_batch(mae_filler, image, regions)
+    assert len(out) == 3
+    for r, img in zip(regions, out, strict=True):
+        assert img.spacing == image.spacing and img.origin == image.origin
+        assert np.array_equal(img.array[~r], image.array[~r])
+        if r.any():
+            assert np.mean(img.array[r] != image.array[r]) > 0.99
+    assert np.array_equal(out[2].array, image.array)  # an empty region changes nothing
+
+    class Plain:  # only the single-region protocol: fill_batch loops over it
+        name = "plain"
+
+        def fill(self, img, region):
+            return img.with_array(np.where(region, -1.0, img.array).astype(np.float32))
+
+        def describe(self):
+            return {}
+
+    plain = fill_batch(Plain(), image, regions)
+    assert [int((p.array == -1).sum()) for p in plain] == [int(r.sum()) for r in regions]
+
+
+def test_template_infiller_batch_equals_one_region_at_a_time():
+    import numpy as np
+    import SimpleITK as sitk
+
+    from xai_core.counterfactual import TemplateInFiller
+    from xai_core.registration import RegistrationResult
+
+    identity = RegistrationResult(transform=sitk.AffineTransform(3), kind="affine", metric=0.0, ncc=1.0, dice=1.0,
+                                  det=1.0, likely_failed=False, reason=None, seconds=0.0, grid_spacing_mm=None)
+    image = _image((24, 24, 24), 6.0)
+    regions = np.zeros((2, 24, 24, 24), bool)
+    regions[0, 8:12, 8:12, 8:12] = True
+    regions[1, 14:18, 6:10, 12:16] = True
+    filler = TemplateInFiller(identity)
+    batch = filler.fill_batch(image, regions)
+    for r, b in zip(regions, batch, strict=True):
+        assert np.array_equal(b.array, filler.fill(image, r).array)
+        assert not np.array_equal(b.array[r], image.array[r])

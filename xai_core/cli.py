@@ -46,8 +46,9 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
         cmd = " ".join(["xai", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xai") else ""
         path = train_mae(a.data, a.out, val=a.val, minutes=a.minutes, seed=a.seed,
-                         lr=a.lr if a.lr is not None else 1e-3, version=a.version, command=cmd)
-        print(f"wrote {path} and {path.with_suffix('.json')}")
+                         lr=a.lr if a.lr is not None else 1e-3, version=a.version, command=cmd,
+                         init=a.init)
+        print(f"wrote {path} and its card {path.with_name(path.stem + '.card.json')}")
         return 0
     from .train import train
 

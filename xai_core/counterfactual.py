@@ -22,8 +22,14 @@ tissue. :class:`TemplateInFiller` is the one shipped now:
    region and falls off as a Gaussian of sigma ``counterfactual_blend_mm`` (2 mm) outside it,
    cut to 0 below 1 % so that voxels more than about 4 sigma away stay exactly as they were.
 
-A learned in-filler (the MedLIME masked autoencoder) can replace it: anything with a ``name``, a
-``fill(image, region) -> Image`` and a ``describe() -> dict`` plugs into :func:`counterfactual`.
+A learned in-filler (the MedLIME masked autoencoder, :class:`xai_core.mae.MAEInFiller`) can replace it:
+anything with a ``name``, a ``fill(image, region) -> Image`` and a ``describe() -> dict`` plugs into
+:func:`counterfactual`.
+
+Batches: :func:`fill_batch` fills ``n`` regions ``(n, K, J, I)`` of one image in one call and returns ``n``
+images. An in-filler that has its own ``fill_batch(image, regions)`` (:class:`BatchInFiller`: the MAE
+reconstructs the whole batch in one pass, the template in-filler warps the template once) is called
+with the whole batch; any other gets one ``fill`` per region.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from .mni import load_template
 from .registration import RegistrationResult, warp_from_mni
 from .settings import Settings
 
-__all__ = ["InFiller", "TemplateInFiller", "CounterfactualResult", "counterfactual", "grow_region"]
+__all__ = ["InFiller", "BatchInFiller", "TemplateInFiller", "CounterfactualResult", "counterfactual", "grow_region",
+           "fill_batch"]
 
 
 @runtime_checkable
@@ -55,6 +62,28 @@ class InFiller(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-ready parameters, for provenance."""
         ...
+
+
+@runtime_checkable
+class BatchInFiller(InFiller, Protocol):
+    """An in-filler that fills a batch of regions of one image in one call."""
+
+    def fill_batch(self, image: Image, regions: np.ndarray) -> list[Image]:
+        """One image per region of ``regions`` (bool ``(n, K, J, I)`` on the image grid), same geometry."""
+        ...
+
+
+def fill_batch(infiller: InFiller, image: Image, regions: np.ndarray) -> list[Image]:
+    """``image`` with each of ``regions`` (bool ``(n, K, J, I)``, or one ``(K, J, I)``) in-filled: the
+    in-filler's own ``fill_batch`` when it has one, else one ``fill`` per region."""
+    regions = np.asarray(regions, dtype=bool)
+    if regions.ndim == image.array.ndim:
+        regions = regions[None]
+    if regions.shape[1:] != image.array.shape:
+        raise ValueError(f"regions of shape {regions.shape[1:]} do not match the image's {image.array.shape}")
+    if isinstance(infiller, BatchInFiller):
+        return list(infiller.fill_batch(image, regions))
+    return [infiller.fill(image, r) for r in regions]
 
 
 def grow_region(region: np.ndarray, spacing_kji: tuple[float, ...], mm: float) -> np.ndarray:
@@ -103,14 +132,27 @@ class TemplateInFiller:
         return d
 
     def fill(self, image: Image, region: np.ndarray) -> Image:
-        region = np.asarray(region, dtype=bool)
-        if region.shape != image.array.shape:
-            raise ValueError(f"region shape {region.shape} does not match image shape {image.array.shape}")
-        if not region.any():
-            return image
+        return self.fill_batch(image, np.asarray(region, dtype=bool)[None])[0]
+
+    def fill_batch(self, image: Image, regions: np.ndarray) -> list[Image]:
+        """One in-filled image per region of ``regions`` (bool ``(n, K, J, I)``); the template is warped once."""
+        regions = np.asarray(regions, dtype=bool)
+        if regions.shape[1:] != image.array.shape:
+            raise ValueError(f"region shape {regions.shape[1:]} does not match image shape {image.array.shape}")
+        tpl = None
+        out = []
+        for region in regions:
+            if not region.any():
+                out.append(image)
+                continue
+            if tpl is None:
+                tpl = warp_from_mni(load_template(), self.registration, image, "linear", 0.0, settings=self.settings)
+            out.append(self._fill_one(image, region, tpl))
+        return out
+
+    def _fill_one(self, image: Image, region: np.ndarray, tpl: np.ndarray) -> Image:
         sp = tuple(float(s) for s in image.spacing[::-1])
         grown = grow_region(region, sp, self.dilation_mm)
-        tpl = warp_from_mni(load_template(), self.registration, image, "linear", 0.0, settings=self.settings)
         a = np.asarray(image.array, dtype=np.float32)
         fill = self._matched(a, tpl, grown, sp)
         # Blend weight: 1 on the grown region, a Gaussian fall-off (sigma blend_mm) outside it.

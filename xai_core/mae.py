@@ -18,7 +18,7 @@ Training (``xai train mae-3d --data DIR``, :func:`train_mae`): studies are resam
 grid and normalised as the classifier sees them (:mod:`xai_core.models.grid`); each step hides a
 random fraction of the cubes (drawn from the LIME masking ratios) and minimises the mean squared
 error on the hidden cubes only. Random flips along each axis and a random intensity gain augment
-the few studies. Weights and a JSON card are written to ``--out`` (``mae-3d.pt`` / ``mae-3d.json``).
+the few studies. Weights and a JSON card are written to ``--out`` (``mae-3d.pt`` / ``mae-3d.card.json``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ import torch
 from monai.networks.nets import MaskedAutoEncoderViT
 from torch import nn
 
-__all__ = ["MAE3D", "MAECard", "load_mae", "train_mae", "prepare_volumes", "MAE_NAME", "DEFAULT_MAE_KWARGS"]
+__all__ = ["MAE3D", "MAECard", "MAEInFiller", "load_mae", "train_mae", "prepare_volumes", "MAE_NAME",
+           "DEFAULT_MAE_KWARGS"]
 
 MAE_NAME = "mae-3d"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "models" / "weights"
@@ -166,13 +167,20 @@ class MAECard:
 _CACHE: dict[str, MAE3D] = {}
 
 
+def card_path_for(weights: str | Path) -> Path:
+    """The card beside MAE weights ``X.pt``: ``X.card.json`` (not ``X.json``, which would make the MAE look
+    like a classifier to :func:`xai_core.models.available_models`)."""
+    w = Path(weights)
+    return w.with_name(w.stem + ".card.json")
+
+
 def load_mae(path: str | Path | None = None, device: str | torch.device = "cpu") -> MAE3D:
     """The MAE whose weights are ``path`` (default: the shipped ``weights/mae-3d.pt``), loaded once per
     process and path (the server and every explainer share it)."""
     p = Path(path) if path is not None else WEIGHTS_DIR / f"{MAE_NAME}.pt"
     key = f"{p.resolve()}@{device}"
     if key not in _CACHE:
-        card_path = p.with_suffix(".json")
+        card_path = card_path_for(p)
         if not p.exists() or not card_path.exists():
             raise FileNotFoundError(f"no MAE weights at {p} (train one: xai train mae-3d --data DIR)")
         card = json.loads(card_path.read_text())
@@ -181,6 +189,71 @@ def load_mae(path: str | Path | None = None, device: str | torch.device = "cpu")
         mae.card = {k: card.get(k) for k in ("name", "version", "weights_sha256")}
         _CACHE[key] = mae.to(device).eval().requires_grad_(False)
     return _CACHE[key]
+
+
+class MAEInFiller:
+    """The MAE as an :class:`~xai_core.counterfactual.InFiller` on images of any geometry (batch protocol).
+
+    The image goes onto its model grid (:class:`~xai_core.models.grid.ModelGrid`, 64^3 at 3 mm) and is
+    normalised as the classifier sees it; the regions go there too (a model-grid voxel is hidden when
+    the linearly resampled region is at least 0.5 there, and every grid voxel a region voxel falls in
+    is hidden); the MAE reconstructs all regions in one batch; each reconstruction is scaled back
+    to the image's intensities, resampled onto the image grid, and pasted into its region only.
+    """
+
+    name = "masked-autoencoder"
+
+    def __init__(self, mae: MAE3D | None = None, batch_size: int = 16, **_: Any):
+        self.mae = mae if mae is not None else load_mae()
+        self.batch_size = int(batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        card = getattr(self.mae, "card", None) or {}
+        return {"infiller": self.name, "model": card.get("name", MAE_NAME), "version": card.get("version")}
+
+    def fill(self, image: Any, region: np.ndarray) -> Any:
+        return self.fill_batch(image, np.asarray(region, dtype=bool)[None])[0]
+
+    def fill_batch(self, image: Any, regions: np.ndarray) -> list[Any]:
+        from .models.grid import ModelGrid, normalise_intensity
+
+        regions = np.asarray(regions, dtype=bool)
+        if regions.shape[1:] != image.array.shape:
+            raise ValueError(f"region shape {regions.shape[1:]} does not match image shape {image.array.shape}")
+        grid = ModelGrid(self.mae.img[0], 3.0)
+        arr, ref = grid.to_model(image)
+        norm = normalise_intensity(arr)
+        # The normalisation is a scale (after a shift for negative images): invert it from the two arrays.
+        fg = norm > 0.05
+        shift = min(0.0, float(arr.min()))
+        scale = float(np.median((arr[fg] - shift) / norm[fg])) if fg.any() else 1.0
+        hidden = np.stack([(grid.to_model(image.with_array(r.astype(np.float32)))[0] >= 0.5) |
+                           self._touched(r, image, ref) for r in regions])
+        x = torch.from_numpy(norm)[None, None]
+        rec = self.mae.fill(x, torch.from_numpy(hidden), batch_size=self.batch_size)[:, 0].numpy()
+        out = []
+        for r, vol in zip(regions, rec, strict=True):
+            back = grid.to_input(vol * scale + shift, ref, image)
+            a = np.asarray(image.array, np.float32)
+            out.append(image.with_array(np.where(r, back, a).astype(np.float32)))
+        return out
+
+    @staticmethod
+    def _touched(region: np.ndarray, image: Any, ref: Any) -> np.ndarray:
+        """Model-grid voxels that hold a region voxel's centre (small regions never vanish on the grid)."""
+        size = ref.GetSize()[::-1]
+        hit = np.zeros(size, bool)
+        idx = np.argwhere(region)[:, ::-1].astype(float)  # (n, 3) i, j, k
+        if idx.size == 0:
+            return hit
+        pts = image.index_to_physical(idx) if hasattr(image, "index_to_physical") else idx
+        pts = np.atleast_2d(pts)
+        origin, spacing = np.asarray(ref.GetOrigin()), np.asarray(ref.GetSpacing())
+        ijk = np.rint((pts - origin) / spacing).astype(int)
+        ok = np.all((ijk >= 0) & (ijk < np.asarray(ref.GetSize())), axis=1)
+        k, j, i = ijk[ok, 2], ijk[ok, 1], ijk[ok, 0]
+        hit[k, j, i] = True
+        return hit
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,12 +286,13 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def train_mae(data: str | Path, out: str | Path, *, val: str | Path | None = None, minutes: float = 12.0,
               max_steps: int = 100_000, batch_size: int = 8, lr: float = 1e-3,
               ratios: Sequence[float] = (0.1, 0.3, 0.5), seed: int = 0, limit: int | None = None,
-              log_every: int = 50, version: str = "1.0.0", command: str = "") -> Path:
+              log_every: int = 50, version: str = "1.0.0", command: str = "", init: str | Path | None = None) -> Path:
     """Train the MAE on the studies of ``data`` for ``minutes`` of wall time (or ``max_steps``).
 
     Each step hides a ratio drawn from ``ratios`` of the cubes of each volume (same count in a batch)
     and minimises the MSE on the hidden voxels. A checkpoint (``last.pt``) and ``train.log`` are
-    written to ``out`` every ``log_every`` steps; at the end ``mae-3d.pt`` and ``mae-3d.json`` (the
+    written to ``out`` every ``log_every`` steps (``init``: start from these weights); at the end
+    ``mae-3d.pt`` and ``mae-3d.card.json`` (the
     card: data, steps, losses, the validation MSE of the MAE and of a mean fill on hidden cubes).
     Returns the weights' path.
     """
@@ -231,6 +305,12 @@ def train_mae(data: str | Path, out: str | Path, *, val: str | Path | None = Non
     vols, ids = prepare_volumes(data, limit)
     x_all = torch.from_numpy(vols)[:, None]
     mae = MAE3D()
+    steps_before = 0
+    if init is not None:  # continue an earlier run (its card, when there is one, gives the steps done)
+        mae.load_state_dict(torch.load(init, map_location="cpu", weights_only=True))
+        card_path = card_path_for(init)
+        if card_path.exists():
+            steps_before = int(json.loads(card_path.read_text())["training"].get("steps_total", 0))
     opt = torch.optim.AdamW(mae.parameters(), lr=lr, weight_decay=0.05)
     log = (out / "train.log").open("a")
     t0, step, hist = time.time(), 0, []
@@ -261,12 +341,14 @@ def train_mae(data: str | Path, out: str | Path, *, val: str | Path | None = Non
     weights = out / f"{MAE_NAME}.pt"
     torch.save(mae.state_dict(), weights)
     card = MAECard(name=MAE_NAME, version=version, arch_kwargs=mae.kwargs, grid_size=64, grid_spacing_mm=3.0,
-                   training={"data": str(data), "n_studies": len(ids), "steps": step, "batch_size": batch_size,
+                   training={"data": str(data), "n_studies": len(ids), "steps": step,
+                             "steps_total": steps_before + step, "init": str(init) if init else None,
+                             "batch_size": batch_size,
                              "lr": lr, "ratios": list(ratios), "seed": seed,
                              "seconds": round(time.time() - t0, 1), "command": command,
                              "loss_history": hist[-20:]},
                    metrics=metrics, weights_sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
-    weights.with_suffix(".json").write_text(json.dumps(card.__dict__, indent=2) + "\n")
+    card_path_for(weights).write_text(json.dumps(card.__dict__, indent=2) + "\n")
     return weights
 
 
