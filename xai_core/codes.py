@@ -141,6 +141,9 @@ METHOD_CODES: dict[str, Concept] = {
     "scorecam": CLASS_ACTIVATION,
     "ig": SALIENCY,
     "relig": SALIENCY,
+    # Perturbation surrogates (issue 13): a per-region importance map, neither a class activation nor a gradient.
+    "lime": SALIENCY,
+    "medlime": SALIENCY,
 }
 
 
