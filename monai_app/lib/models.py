@@ -1,8 +1,9 @@
 """The served model, loaded once and reloaded when its weights change on disk.
 
 Weights may appear or be replaced while the server runs (the shipped weights land later, a
-fine-tune writes new ones), so every request checks the card and weight files' modification
-times (two ``stat`` calls) and reloads when they changed.
+published fine-tune is activated), so every request reads the active-version pointer and checks
+the card and weight files' modification times, and reloads when they changed. A request already
+running keeps the model object it started with: a switch takes effect from the next request.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from xai_core.models import ModelAdapter, load
+from xai_core.models import ModelAdapter, load_card_file
 from xai_core.settings import Settings, resolve_device
 
 from .errors import Unavailable
+from .versions import VersionStore
 
 
 def weights_dirs() -> list[Path]:
@@ -34,13 +36,32 @@ class ModelCache:
         self._model: ModelAdapter | None = None
         self._stamp: tuple[Any, ...] | None = None
 
-    def files(self) -> tuple[Path, Path] | None:
-        """``(card, weights)`` that ``load`` would use, or None when the model is missing."""
+    def versions(self) -> VersionStore:
+        """The published fine-tuned versions of this model (``lib.versions``)."""
+        return VersionStore(Settings().user_weights_dir, self.name)
+
+    def own_files(self) -> tuple[Path, Path] | None:
+        """``(card, weights)`` of the model's own weights (user folder, then shipped), ignoring any
+        active published version."""
         for d in weights_dirs():
             card = d / f"{self.name}.json"
             if card.is_file() and card.with_suffix(".pt").is_file():
                 return card, card.with_suffix(".pt")
         return None
+
+    def files(self) -> tuple[Path, Path] | None:
+        """``(card, weights)`` that serve: the active published version when one is activated
+        (``POST /xai/models/{model}/activate``), else the model's own; None when the model is missing."""
+        active = self.versions().active_files()
+        return active if active is not None else self.own_files()
+
+    def own_card(self) -> dict[str, Any]:
+        """The card of the model's own weights (the release a lineage starts from); empty when missing."""
+        files = self.own_files()
+        try:
+            return json.loads(files[0].read_text()) if files else {}
+        except (OSError, ValueError):
+            return {}
 
     def available(self) -> bool:
         return self.files() is not None
@@ -70,6 +91,6 @@ class ModelCache:
         with self._lock:
             if self._model is None or stamp != self._stamp:
                 # Load into locals first: a failed reload keeps nothing half-updated.
-                model = load(self.name, device=self.device, weights_dir=card.parent)
+                model = load_card_file(card, device=self.device)
                 self._model, self._stamp = model, stamp
             return self._model
