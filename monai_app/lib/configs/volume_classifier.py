@@ -72,4 +72,5 @@ class VolumeClassifierConfig(TaskConfig):
     def trainer(self) -> TrainTask | None:
         if self.model != self.runtime.options.model:
             return None  # corrected labels fine-tune the default model only
-        return SegHeadFinetuneTask(self.model, self.runtime.options.device, self.runtime.settings)
+        return SegHeadFinetuneTask(self.model, self.runtime.options.device, self.runtime.settings,
+                                   state_dir=self.runtime.options.state_dir)

@@ -1,17 +1,31 @@
 """``seg_head_finetune``: MONAI Label train task over the labels stored in the datastore.
 
-``POST /train/seg_head_finetune`` (params ``tag``, ``iterations``, ``lr``) runs it in a separate
-process (MONAI Label's background task), so the server keeps answering while it trains.
+``POST /train/seg_head_finetune`` runs it in a separate process (MONAI Label's background task), so
+the server keeps answering while it trains. The run:
+
+1. reads the labels with ``tag`` (bytes verified against their stored sha256) and the studies,
+2. loads the model version that serves now (the active published version, else the model's own
+   weights) as the base,
+3. fine-tunes and validates (:func:`lib.trainers.finetune.finetune`), writing its progress and
+   validation curve to ``<datastore>/.xai/train/latest.json`` after every epoch (``GET /train/``
+   shows it),
+4. publishes the new weights as the next version of the lineage (``lib.versions``) only when their
+   validation Dice beats the base's on the same labels; otherwise the run ends ``not_better`` with
+   both figures. ``activate: true`` makes a published version active at once.
+
+The name is kept from when only the segmentation head learned (clients call it); ``parts`` chooses
+what learns now.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
+import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,46 +34,101 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from xai_core.io import Image, read_image
-from xai_core.models import load
+from xai_core.models import load_card_file
 from xai_core.settings import Settings, resolve_device
 
 from ..errors import BadInput
-from .finetune import DECODER_PREFIXES, finetune_segmentation_head, save_finetuned
+from ..versions import VersionStore, display_name
+from .finetune import PARTS, SPLITS, FinetuneSettings, finetune, to_sample
 
 log = logging.getLogger("xai.train")
 
+STATUS_DIR = "train"
+LATEST = "latest.json"
+# Request keys and their types; FinetuneSettings checks the ranges.
+SETTING_KEYS: dict[str, type] = {"parts": str, "lr": float, "batch_size": int, "max_epochs": int, "patience": int,
+                                 "split": str, "val_fraction": float, "folds": int, "min_improvement": float,
+                                 "seed": int, "max_steps": int}
+
+
+def status_path(state_dir: Path | str) -> Path:
+    """Where the newest run's status lives (``GET /train/`` reads it)."""
+    return Path(state_dir) / STATUS_DIR / LATEST
+
+
+def read_status(state_dir: Path | str) -> dict[str, Any] | None:
+    try:
+        return json.loads(status_path(state_dir).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(dest: Path, doc: dict[str, Any]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=1, default=str)
+    os.replace(tmp, dest)  # the server reads it while the run writes: never a torn file
+
 
 class SegHeadFinetuneTask(TrainTask):
-    def __init__(self, model: str, device: str, settings: Settings | None = None):
-        super().__init__("Fine-tune the segmentation head (encoder frozen) on stored labels; "
-                         "writes <model>-ft-<timestamp> weights into the user weights folder")
+    def __init__(self, model: str, device: str, settings: Settings | None = None,
+                 state_dir: Path | str | None = None):
+        super().__init__("Fine-tune on stored labels (decoder, last encoder stages or all), validated against "
+                         "the base model; publishes the next version of the lineage only when it is better")
         self.model = model
         self.device = device
         self.settings = settings or Settings()
+        self.state_dir = Path(state_dir) if state_dir is not None else None
 
     def config(self) -> dict[str, Any]:
-        return {"tag": "final", "iterations": 20, "lr": 0.001, "max_images": 50}
+        d = FinetuneSettings().as_dict()
+        return {"tag": "final", **{k: d[k] for k in SETTING_KEYS}, "max_images": 50, "activate": False}
+
+    def last_run(self) -> dict[str, Any] | None:
+        """The newest run's status doc (``GET /train/`` shows it), or None before any run."""
+        return read_status(self.state_dir) if self.state_dir else None
+
+    def versions(self) -> VersionStore:
+        return VersionStore(self.settings.user_weights_dir, self.model)
 
     def stats(self) -> dict[str, Any]:
-        """The newest fine-tuned model of this base (cheap: file names only)."""
-        out = Path(self.settings.user_weights_dir)
-        cards = sorted(glob.glob(str(out / f"{glob.escape(self.model)}-ft-*.json")))
-        return {"latest": Path(cards[-1]).stem if cards else None, "count": len(cards)}
+        """Published versions of this model and the newest run's outcome (cheap: small files only).
+        Published versions keep the served model's name, so this is the same whichever is active."""
+        store = self.versions()
+        published = store.versions()
+        last = self.last_run()
+        return {"latest": display_name(self.model, published[-1]) if published else None, "count": len(published),
+                "active": store.active(),
+                "last_run": {k: (last or {}).get(k) for k in ("run_id", "state", "validation", "version")}
+                if last else None}
 
-    def settings_of(self, request: dict[str, Any] | None) -> tuple[str, int, float, int]:
-        """``(tag, iterations, lr, max_images)`` of a request; :class:`BadInput` (422) for bad values."""
+    def settings_of(self, request: dict[str, Any] | None) -> tuple[str, FinetuneSettings, int, bool]:
+        """``(tag, settings, max_images, activate)`` of a request; :class:`BadInput` (422) for bad values."""
         request = dict(request or {})
         cfg = {**self.config(), **{k: v for k, v in request.items() if k in self.config()}}
+        # ``iterations`` (the earlier API) bounds the optimiser steps.
+        if request.get("iterations") not in (None, ""):
+            cfg["max_steps"] = request["iterations"]
         try:
-            tag, iterations, lr, max_images = (str(cfg["tag"]), int(cfg["iterations"]), float(cfg["lr"]),
-                                               int(cfg["max_images"]))
-        except (TypeError, ValueError):
-            raise BadInput(f"bad training parameters {({k: cfg[k] for k in self.config()})!r}: tag is a name, "
-                           "iterations and max_images are integers, lr a number") from None
-        if not 1 <= iterations <= 100_000 or not 0 < lr <= 1 or max_images < 1 or not math.isfinite(lr):
-            raise BadInput(f"bad training parameters: iterations {iterations} (1-100000), lr {lr} (0-1], "
-                           f"max_images {max_images} (>= 1)")
-        return tag, iterations, lr, max_images
+            values = {k: t(cfg[k]) for k, t in SETTING_KEYS.items()}
+            if any(isinstance(cfg[k], bool) or (t is not str and isinstance(cfg[k], str) and not cfg[k].strip())
+                   for k, t in SETTING_KEYS.items()):
+                raise ValueError
+            tag, max_images = str(cfg["tag"]), int(cfg["max_images"])
+            activate = cfg["activate"]
+            if not isinstance(activate, bool):
+                activate = str(activate).lower() in ("1", "true", "yes")
+            settings = FinetuneSettings(**values)
+        except (TypeError, ValueError) as e:
+            shown = {k: cfg.get(k) for k in [*SETTING_KEYS, "max_images"]}
+            raise BadInput(f"bad training parameters {shown!r}: {e if str(e) else 'wrong types'} "
+                           f"(parts {sorted(PARTS)}, split {list(SPLITS)}, iterations/max_steps, batch_size, "
+                           "max_epochs, patience, folds, seed, max_images integers; lr, val_fraction numbers)"
+                           ) from None
+        if max_images < 2 or not tag or any(not math.isfinite(v) for v in values.values() if isinstance(v, float)):
+            raise BadInput(f"bad training parameters: max_images {max_images} (>= 2), tag {tag!r}")
+        return tag, settings, max_images, activate
 
     @staticmethod
     def labelled(datastore: Datastore, tag: str) -> list[str]:
@@ -70,42 +139,121 @@ class SegHeadFinetuneTask(TrainTask):
         """Called by the HTTP route before the background process starts: client errors become a 4xx
         there instead of an ERROR state later."""
         tag, *_ = self.settings_of(request)
-        if not self.labelled(datastore, tag):
+        ids = self.labelled(datastore, tag)
+        if not ids:
             raise BadInput(f"no stored labels with tag {tag!r} to fine-tune on: save labels with "
                            f"PUT /datastore/label?image=ID&tag={tag} first")
+        if len(ids) < 2:
+            raise BadInput(f"only 1 stored label with tag {tag!r}: a validated fine-tune needs at least 2 "
+                           "(one is held out to check the new weights against the current ones)")
+
+    # -- the run ----------------------------------------------------------------------------------
+
+    def _status(self, doc: dict[str, Any]) -> None:
+        if self.state_dir is None:
+            return
+        doc["updated_at"] = time.time()
+        try:
+            _write_json(status_path(self.state_dir), doc)
+        except OSError as e:  # progress reporting must not end a run
+            log.warning("cannot write the train status: %s", e)
+
+    def base_files(self) -> tuple[Path, Path]:
+        """``(card, weights)`` of the version that serves now: the lineage continues from it."""
+        from ..models import ModelCache
+
+        files = ModelCache(self.model, self.device).files()
+        if files is None:
+            raise BadInput(f"model {self.model!r} has no weights to fine-tune")
+        return files
 
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
-        tag, iterations, lr, max_images = self.settings_of(request)
+        tag, cfg, max_images, activate = self.settings_of(request)
         t0 = time.time()
-        pairs, used = [], []
+        doc: dict[str, Any] = {"run_id": uuid.uuid4().hex, "trainer": "seg_head_finetune", "state": "running",
+                               "stage": "reading labels", "progress": 0.0, "started_at": t0, "curve": [],
+                               "settings": {"tag": tag, **cfg.as_dict(), "max_images": max_images,
+                                            "activate": activate}}
+        self._status(doc)
+        try:
+            result = self._run(doc, datastore, tag, cfg, max_images, activate)
+        except BaseException as e:
+            doc.update(state="failed", stage="failed", error=str(e) or type(e).__name__, finished_at=time.time())
+            self._status(doc)
+            raise
+        return result
+
+    def _run(self, doc: dict[str, Any], datastore: Datastore, tag: str, cfg: FinetuneSettings, max_images: int,
+             activate: bool) -> dict[str, Any]:
+        card_path, pt = self.base_files()
+        # A copy of its own: the server's cached model may be hooked by an explanation meanwhile.
+        model = load_card_file(card_path, device=resolve_device(self.device), weights=pt)
+        samples, used = [], []
         for image_id in self.labelled(datastore, tag):
             label_uri = datastore.get_label_uri(image_id, tag)
-            image = read_image(datastore.get_image_uri(image_id))
-            # A corrected label may be all zero (no lesion): read it as a label, not as an image.
             label = self._read_label(datastore, image_id, tag, label_uri)
             if label is None:
                 continue
+            image = read_image(datastore.get_image_uri(image_id))
             if not image.same_geometry(label, tol=1e-3):
                 log.warning("skipping %s: label grid differs from the image grid", image_id)
                 continue
-            pairs.append((image, label))
+            samples.append(to_sample(model, image, label, key=image_id))
             info = datastore.get_label_info(image_id, tag)
             used.append({"image": image_id, "tag": tag, "label_version": info.get("version"),
-                         "source": info.get("source"), "result_id": info.get("result_id")})
-            if len(pairs) >= max_images:
+                         "sha256": info.get("sha256"), "source": info.get("source"),
+                         "result_id": info.get("result_id"), "saved_at": info.get("saved_at")})
+            if len(samples) >= max_images:
                 break
-        if not pairs:
-            raise BadInput(f"no usable stored labels with tag {tag!r} to fine-tune on")
-        model = load(self.model, device=resolve_device(self.device), settings=self.settings)
-        log.info("fine-tuning %s on %d labelled images, %d iterations", self.model, len(pairs), iterations)
-        losses = finetune_segmentation_head(model, pairs, iterations=iterations, lr=lr)
-        card = save_finetuned(model, Path(self.settings.user_weights_dir), settings=self.settings, training={
-            "kind": "segmentation-head fine-tune", "trainable_prefixes": list(DECODER_PREFIXES),
-            "labels": used, "iterations": iterations, "lr": lr, "losses": losses,
-            "device": str(model.device), "seconds": round(time.time() - t0, 2)})
-        log.info("wrote %s", card)
-        return {"model": json.loads(card.read_text())["name"], "card": str(card), "losses": losses,
-                "images": len(pairs)}
+        if len(samples) < 2:
+            raise BadInput(f"{len(samples)} usable stored label(s) with tag {tag!r}: a validated fine-tune needs 2")
+        base = {"name": model.card.name, "version": model.card.version, "weights_sha256": model.card.weights_sha256,
+                "display_name": display_name(model.card.name, model.card.version)}
+        doc.update(stage="training", base=base, labels=used)
+        self._status(doc)
+        log.info("fine-tuning %s on %d labels (%s)", base["display_name"], len(samples), cfg.as_dict())
+
+        def progress(rec: dict[str, Any]) -> None:
+            doc.update({k: v for k, v in rec.items() if k != "curve"})
+            # The run going on now (a fold, the hold-out run, the refit), and every run so far by stage.
+            doc["curve"] = rec["curve"]
+            doc.setdefault("curves", {})[rec["stage"]] = rec["curve"]
+            last = rec["curve"][-1] if rec["curve"] else {}
+            # One line per epoch: MONAI Label keeps the last lines of the process in GET /train/ details.
+            print(f"[finetune] {rec['stage']} epoch {rec['epoch']}/{rec['epochs']} "
+                  f"loss {last.get('train_loss')} val_dice {last.get('val_dice')}", flush=True)
+            self._status(doc)
+
+        outcome = finetune(model, samples, cfg, progress=progress)
+        validation = outcome.validation()
+        doc.update(validation=validation, progress=1.0, finished_at=time.time())
+        settings = {"tag": tag, **cfg.as_dict(), "max_images": max_images, "device": str(model.device)}
+        if not outcome.better:
+            doc.update(state="not_better", stage="done", version=None,
+                       message=f"not better: validation Dice {outcome.after:.4f} after fine-tuning vs "
+                               f"{outcome.before:.4f} for {base['display_name']} on the same {validation['scheme']} "
+                               "labels; nothing published")
+            self._status(doc)
+            log.info(doc["message"])
+            return {"outcome": "not_better", "before": outcome.before, "after": outcome.after, "version": None,
+                    "validation": validation}
+        model.net.load_state_dict(outcome.state)
+        store = self.versions()
+        card = store.publish(model.net, model.card, training={
+            "kind": "fine-tune on stored labels", "trainer": "seg_head_finetune", "base": base, "labels": used,
+            "settings": settings, "trainable_prefixes": list(PARTS[cfg.parts]), "curve": outcome.curve,
+            "seconds": round(time.time() - doc["started_at"], 2)},
+            metrics={"validation": validation})
+        if activate:
+            store.activate(card.version)
+        name = display_name(card.name, card.version)
+        doc.update(state="published", stage="done", version=card.version, display_name=name, activated=activate,
+                   message=f"published {name}: validation Dice {outcome.after:.4f} vs {outcome.before:.4f} for "
+                           f"{base['display_name']}")
+        self._status(doc)
+        log.info(doc["message"])
+        return {"outcome": "published", "before": outcome.before, "after": outcome.after, "version": card.version,
+                "display_name": name, "activated": activate, "validation": validation}
 
     @staticmethod
     def _read_label(datastore: Datastore, image_id: str, tag: str, label_uri: str) -> Image | None:
