@@ -18,6 +18,7 @@ import logging
 import sys
 from typing import Any
 
+from lib.activelearning import LeastSure
 from lib.configs import CONFIGS
 from lib.datastore import VersionedLocalDatastore
 from lib.options import AppOptions
@@ -25,7 +26,9 @@ from lib.runtime import XAIRuntime
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
 from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.random import Random
 
 import xai_core
 
@@ -94,6 +97,11 @@ class XAIApp(MONAILabelApp):
             tasks.update(config.infer())
         return tasks
 
+    def init_strategies(self) -> dict[str, Strategy]:
+        # least_sure first: MONAI Label's Slicer plugin preselects the first strategy /info/ lists.
+        return {"least_sure": LeastSure(self.xai.models, self.xai.options.state_dir, settings=self.xai.settings),
+                "random": Random()}
+
     def init_trainers(self) -> dict[str, TrainTask]:
         trainers = [t for t in (c.trainer() for c in self.task_configs) if t is not None]
         return {"seg_head_finetune": trainers[0]} if trainers else {}
@@ -104,11 +112,19 @@ class XAIApp(MONAILabelApp):
         models = {}
         for name, cache in self.xai.caches.items():
             c = cache.card()
+            versions = cache.versions().summary(cache.own_card())
             models[name] = {"kind": cache.kind(), **{k: c.get(k) for k in ("version", "classes", "weights_sha256")},
                             "default": name == self.xai.options.model,
+                            # Published fine-tunes: which serves (POST /xai/models/{model}/activate) and
+                            # the chain from the release to it.
+                            "active_version": versions["active_version"],
+                            "display_name": versions["active_display_name"],
+                            "lineage": versions["lineage"], "published_versions": len(versions["versions"]),
                             "tasks": sorted(t for t, task in self._infers.items()
                                             if getattr(task, "model_name", None) == name)}
-        meta["xai"] = {"model": {k: card.get(k) for k in ("name", "version", "classes", "weights_sha256")},
+        default = models.get(self.xai.options.model, {})
+        meta["xai"] = {"model": {**{k: card.get(k) for k in ("name", "version", "classes", "weights_sha256")},
+                                 **{k: default.get(k) for k in ("active_version", "display_name", "lineage")}},
                        "models": models,
                        "device": str(self.xai.models.device), "auth": bool(self.xai.options.token),
                        "max_upload_mb": round(self.xai.options.max_upload_bytes / 2**20, 3)}
