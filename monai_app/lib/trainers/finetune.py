@@ -250,7 +250,15 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
             sched.step()
             step += 1
             losses.append(float(loss.detach()))
-        rec: dict[str, Any] = {"epoch": epoch, "train_loss": round(_mean(losses), 5), "lr": opt.param_groups[0]["lr"]}
+            if not math.isfinite(losses[-1]):
+                break  # diverged: the weights are NaN from here on; validation scores this epoch
+        mean_loss = _mean(losses)
+        # JSON has no NaN: a diverged epoch's loss is null (and the run stops after its validation).
+        rec: dict[str, Any] = {"epoch": epoch, "train_loss": round(mean_loss, 5) if math.isfinite(mean_loss) else None,
+                               "lr": opt.param_groups[0]["lr"]}
+        diverged = bool(losses) and not math.isfinite(losses[-1])
+        if diverged:
+            rec["diverged"] = True
         if val:
             per = dice_per_sample(net, val, device)
             rec["val_dice"] = round(_mean(per), 5)
@@ -261,7 +269,7 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         if progress:
             progress({"epoch": epoch, "epochs": n_epochs, "curve": curve})
         stop = bool(val) and epoch - best_epoch >= cfg.patience
-        if stop or step >= total or (should_stop is not None and should_stop()):
+        if stop or diverged or step >= total or (should_stop is not None and should_stop()):
             break
     if best_state is None:  # no validation: the last epoch's weights
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
