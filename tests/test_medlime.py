@@ -337,3 +337,25 @@ def test_template_infiller_batch_equals_one_region_at_a_time():
     for r, b in zip(regions, batch, strict=True):
         assert np.array_equal(b.array, filler.fill(image, r).array)
         assert not np.array_equal(b.array[r], image.array[r])
+
+
+def test_mae_fill_on_another_grid_and_evidence_on_other_units():
+    import numpy as np
+
+    from xai_core.evidence import EvidenceLibrary
+    from xai_core.explain.fills import MAEFill
+
+    mae = tiny_mae()  # a 16^3 MAE on a 12^3 model grid (a smaller model's): resampled there and back
+    x = 0.2 + torch.rand(1, 1, 12, 12, 12)
+    hidden = torch.zeros(2, 12, 12, 12, dtype=torch.bool)
+    hidden[0, :6] = True
+    hidden[1, 3:9, 3:9, 3:9] = True
+    out = MAEFill(mae)(x, hidden)
+    vis = ~hidden[:, None]
+    assert torch.equal(out[vis], x.expand_as(out)[vis]) and not torch.equal(out[~vis], x.expand_as(out)[~vis])
+    units = patch_units((12, 12, 12), 4)
+    box = LinearBox(torch.randn(2, units.n_units), units.labels)
+    lib = EvidenceLibrary(features=np.ones((2, 24)), maps=np.ones((2, 8)), case_ids=["a", "b"],
+                          labels=["glioma", "glioma"], patch=8, grid=(2, 2, 2))
+    att = get_explainer("medlime")(box, patch=4, n_samples=24, mae=mae, stta_steps=0, evidence=lib).attribute(x)
+    assert att.extras["evidence"]["mode"] == "off" and "do not match" in att.extras["evidence"]["reason"]

@@ -8,8 +8,9 @@ batch is made in one call (the masked autoencoder reconstructs the whole batch a
 ``zero``   0 (the background of a normalised MR volume)
 ``mean``   per channel, the mean of the foreground (voxels above the channel's minimum)
 ``blur``   a Gaussian-blurred copy of ``x`` (``sigma`` voxels, 4 by default: 12 mm on the model grid)
-``mae``    the masked autoencoder's reconstruction from the visible cubes (:mod:`xai_core.mae`),
-           3-D single-channel volumes at the MAE's grid: generative masking
+``mae``    the masked autoencoder's reconstruction from the visible cubes (:mod:`xai_core.mae`):
+           generative masking of 3-D single-channel volumes (another grid size is resampled to the
+           MAE's and back, hidden voxels only)
 =========  =====================================================================================
 """
 
@@ -135,7 +136,16 @@ class MAEFill:
         if x.shape[1] != 1 or x.ndim != 5:
             raise ValueError(f"the MAE fill takes single-channel volumes (1, 1, K, J, I), got {tuple(x.shape)}")
         mae = self.mae.to(x.device)
-        return mae.fill(x, hidden, batch_size=self.batch_size)
+        size = tuple(x.shape[2:])
+        if size == tuple(mae.img):
+            return mae.fill(x, hidden, batch_size=self.batch_size)
+        # Another grid (a smaller model's): reconstruct on the MAE's grid and resample back; only the
+        # hidden voxels take the result, so the visible ones still keep their exact values.
+        xs = F.interpolate(x.float(), size=mae.img, mode="trilinear", align_corners=False)
+        hs = F.interpolate(hidden[:, None].float(), size=mae.img, mode="nearest")[:, 0] > 0
+        rec = mae.fill(xs, hs, batch_size=self.batch_size)
+        back = F.interpolate(rec, size=size, mode="trilinear", align_corners=False).to(x.dtype)
+        return torch.where(hidden[:, None], back, x)
 
     def describe(self) -> dict[str, Any]:
         card = getattr(self.mae, "card", None) or {}

@@ -123,10 +123,15 @@ class MedLIME(LIME):
         lib = self.library()
         if lib is None:
             return None, self.lambda2, {"evidence": {"mode": "off", "reason": "no evidence library loaded"}}
-        if tuple(lib.grid) != tuple(units.grid):
-            raise ValueError(f"the evidence library's units {lib.grid} (patch {lib.patch}) do not match the "
-                             f"explanation's {units.grid}: use patch={lib.patch}")
-        f = self.mae.embed(x.to(next(self.mae.parameters()).device))[0].cpu().numpy()
+        if tuple(lib.grid) != tuple(units.grid):  # another model's grid or patch: the maps do not align
+            return None, self.lambda2, {"evidence": {
+                "mode": "off", "reason": f"the evidence library's units {list(lib.grid)} (patch {lib.patch}) do "
+                                         f"not match this explanation's {list(units.grid)}"}}
+        mae = self.mae
+        v = x.to(next(mae.parameters()).device).float()
+        if tuple(v.shape[2:]) != tuple(mae.img):
+            v = torch.nn.functional.interpolate(v, size=mae.img, mode="trilinear", align_corners=False)
+        f = mae.embed(v)[0].cpu().numpy()
         nb = lib.neighbours(f, self.k, self.bandwidth, mode=self.ebr, seed=self.seed)
         w_nw = torch.from_numpy(nb.w_nw)[units.features]
         prior = w_nw[None].expand(targets.numel(), -1)
