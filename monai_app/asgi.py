@@ -5,7 +5,8 @@ MONAI Label's FastAPI app, with:
 * JSON errors with an error id for every failure (``web.errors``),
 * bearer-token auth, an upload size limit and id checks in front of every route (``web.guards``),
 * non-blocking inference, checked uploads, verified and versioned labels, jobs and result downloads
-  (``web.routes``), placed in front of MONAI Label's routes of the same path,
+  (``web.routes``), and the learning loop: train status, model versions, activate/rollback and the
+  active-learning "next sample" (``web.learning``), placed in front of MONAI Label's routes of the same path,
 * an allow-list of served routes (:func:`classify_routes`): the wrapper's routes and the MONAI Label
   routes docs/http_api.md documents. Every other stock route (sessions, WSI and batch inference, model
   upload, logs, scoring, active learning, OHIF, DICOM proxy, ...) answers 404 unless ``--conf
@@ -40,6 +41,7 @@ from .web.guards import (
     ServedRoute,
     TokenAuthMiddleware,
 )
+from .web.learning import router as learning_router
 from .web.routes import router
 
 WRAPPED = False  # set by wrap(): read by main.py's start-up check
@@ -98,14 +100,14 @@ def _matches(rule_method: str, rule_path: str, methods: set[str], path: str) -> 
 
 def classify_routes(app: FastAPI, groups: set[str]) -> list[ServedRoute]:
     """Every route of ``app`` in router order, with what the allow-list does with it."""
-    ours_module = router.routes[0].endpoint.__module__ if router.routes else ""
+    ours_modules = {r.endpoint.__module__ for r in (*router.routes, *learning_router.routes)}
     out: list[ServedRoute] = []
     for rc in iter_route_contexts(app.router.routes):
         path = rc.path or ""
         methods = set(rc.methods or ())
         endpoint = rc.endpoint
         regex = rc.path_regex
-        if endpoint is not None and getattr(endpoint, "__module__", "") == ours_module:
+        if endpoint is not None and getattr(endpoint, "__module__", "") in ours_modules:
             status, group = "ours", ""
         elif any(_matches(m, p, methods or {"*"}, path) for m, p in NEVER):
             status, group = "off", ""
@@ -169,6 +171,7 @@ def wrap(app: FastAPI, conf: dict[str, str] | None = None) -> FastAPI:
     # include_router appends; routes match in order, so move ours in front of MONAI Label's.
     before = len(app.router.routes)
     app.include_router(router)
+    app.include_router(learning_router)  # GET /train/, versions, activate/rollback, /activelearning/
     ours = app.router.routes[before:]
     del app.router.routes[before:]
     app.router.routes[0:0] = ours
