@@ -38,6 +38,8 @@ MODEL_SPECS = {
         arch_kwargs=dict(spatial_dims=3, in_channels=1, num_classes=len(CLASSES), seg_channels=2,
                          channels=[8, 16, 32, 64], lesion_gate=True),
         cam_layer="encoder_out",
+        # RE-LIG's layer, chosen on validation (docs/benchmarks.md); the card carries it to the adapter.
+        layers={"relig": "down1"},
     ),
 }
 
