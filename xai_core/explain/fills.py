@@ -6,7 +6,7 @@ batch is made in one call (the masked autoencoder reconstructs the whole batch a
 
 =========  =====================================================================================
 ``zero``   0 (the background of a normalised MR volume)
-``mean``   per channel, the mean of the foreground (voxels above the channel's minimum)
+``mean``   per channel, the mean of the foreground (voxels above 10 % of the range above the minimum)
 ``blur``   a Gaussian-blurred copy of ``x`` (``sigma`` voxels, 4 by default: 12 mm on the model grid)
 ``mae``    the masked autoencoder's reconstruction from the visible cubes (:mod:`xai_core.mae`):
            generative masking of 3-D single-channel volumes (another grid size is resampled to the
@@ -57,7 +57,8 @@ class ConstantFill:
 
 
 class MeanFill:
-    """Hidden voxels become the channel's foreground mean of ``x`` (computed on the first call's ``x``)."""
+    """Hidden voxels become the channel's foreground mean of ``x`` (computed on the first call's ``x``;
+    foreground: above ``min + 0.1 (max - min)``, the background rule of the LIME units)."""
 
     name = "mean"
 
@@ -66,8 +67,11 @@ class MeanFill:
 
     @staticmethod
     def _means(x: torch.Tensor) -> torch.Tensor:
+        from .lime import BACKGROUND
+
         v = x[0].flatten(1).float()  # (C, V)
-        fg = v > v.amin(1, keepdim=True)
+        lo, hi = v.amin(1, keepdim=True), v.amax(1, keepdim=True)
+        fg = v > lo + BACKGROUND * (hi - lo)  # the units' background rule: MR air (noise) is not averaged in
         fg = torch.where(fg.any(1, keepdim=True), fg, torch.ones_like(fg))
         return (v * fg).sum(1) / fg.sum(1)
 
