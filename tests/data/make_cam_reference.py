@@ -3,6 +3,8 @@ tests/test_explain_contract.py can show the maps are unchanged under the new con
 
 Run from a checkout of that commit: ``PYTHONPATH=<old checkout> python tests/data/make_cam_reference.py``.
 Inputs are seeded and rebuilt by the test; maps are stored every 4th voxel (every 2nd in 2-D).
+After a new shipped model, copy its weights and card into the old checkout's weights folder and rerun
+(done for brain-lesion-3d 1.3.0; the hand-built models' maps came out bit for bit the same).
 """
 
 from __future__ import annotations
