@@ -307,11 +307,22 @@ def head_series(tmp_path_factory):
     return folder
 
 
-def test_write_dicom_outputs_for_an_explanation(head_series, default_model, tmp_path):
+@pytest.fixture(scope="module")
+def lit_target(head_series, default_model):
+    """A lesion class whose Grad-CAM mask on the toy head is not empty. The toy is no brain, so which
+    class lights up depends on the weights; these tests are about the DICOM files, not the model."""
     from xai_core.pipeline import explain
 
     image = read_image(head_series)
-    exp = explain(image, "gradcam", model=default_model)
+    for c in default_model.classes[1:]:
+        exp = explain(image, "gradcam", model=default_model, target=c)
+        if not exp.mask.empty:
+            return c, exp
+    pytest.fail("no class gives a non-empty Grad-CAM mask on the toy head")
+
+
+def test_write_dicom_outputs_for_an_explanation(lit_target, tmp_path):
+    _, exp = lit_target
     findings = {"location": {"top_structure": "Right_Putamen"},
                 "levels": [{"level": 4, "top_structure": "Left_Hippocampus"}]}
     (tmp_path / "findings.json").write_text(json.dumps(findings))  # as xai explain --report writes it
@@ -339,11 +350,12 @@ def test_write_dicom_outputs_for_an_explanation(head_series, default_model, tmp_
     assert float(np.abs(np.sort(pm.pixel_array.ravel()) - np.sort(exp.primary.array.ravel())).max()) == 0.0
 
 
-def test_cli_explain_writes_dicom_and_export_seg(head_series, tmp_path, monkeypatch):
+def test_cli_explain_writes_dicom_and_export_seg(head_series, lit_target, tmp_path, monkeypatch):
     from xai_core.cli import main
 
     out = tmp_path / "out"
-    assert main(["explain", str(head_series), "--method", "gradcam", "--out", str(out)]) == 0
+    assert main(["explain", str(head_series), "--method", "gradcam", "--target", lit_target[0],
+                 "--out", str(out)]) == 0
     for name in ("mask.seg.dcm", "levels.seg.dcm", "saliency.pm.dcm", "mask.nii.gz"):
         assert (out / name).is_file(), name
     label = tmp_path / "label.nii.gz"
