@@ -96,7 +96,8 @@ class RegistrationInfo(_Model):
     metric: str
     metric_value: float | None
     ncc: float | None = Field(description="intensity NCC with the template in its brain (reported; not a gate)")
-    edge_ncc: float | None = Field(None, description="NCC of gradient magnitudes with the template (the gate, any contrast)")
+    edge_ncc: float | None = Field(None, description="NCC of gradient magnitudes with the template "
+                                   "(the gate, any contrast)")
     dice: float | None
     coverage: float | None = Field(None, description="fraction of the template brain inside the input's foreground")
     det: float
