@@ -381,7 +381,7 @@ def _bad_requests(server, studies, tmp_path):
            "unknown image id")
     yield ("unknown image id, label", server.put("/datastore/label", params={"image": "no_such_study"},
                                                  files={"label": ("l.nii.gz", good)}), 404, "unknown image id")
-    yield ("unknown task", server.post("/infer/lime", params={"image": "axial"}), 404, "unknown task")
+    yield ("unknown task", server.post("/infer/no_such_method", params={"image": "axial"}), 404, "unknown task")
     yield ("corrupt upload", server.put("/datastore/image", params={"image": "corrupt"},
                                         files={"file": ("x.nii.gz", b"not an image at all" * 50)}), 422,
            "uploaded file")
