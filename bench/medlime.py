@@ -171,10 +171,15 @@ def gm_distance(a: argparse.Namespace) -> int:
                                for k, d in per_ratio.items()},
            "mae_nearer_than_mean_fill_pairs": round(float(np.mean(np.asarray(dist["mae"]) <
                                                                   np.asarray(dist["mean"]))), 3)}
-    text = json.dumps(out, indent=2)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+    return _report(out, a.out)
+
+
+def _report(results: dict, path: str | None) -> int:
+    """Print ``results`` as JSON and write them to ``path`` when given."""
+    text = json.dumps(results, indent=2)
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(text + "\n")
     print(text)
     return 0
 
@@ -381,12 +386,7 @@ def main() -> int:
         print(f"medlime default (one volume): {sec:.1f} s ({default.n_samples} samples, STTA "
               f"{default.stta_steps} steps, evidence {att.extras.get('evidence', {}).get('mode')})")
     results["load_average_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    text = json.dumps(results, indent=2)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
-    print(text)
-    return 0
+    return _report(results, a.out)
 
 
 if __name__ == "__main__":
