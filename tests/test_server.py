@@ -276,22 +276,29 @@ def test_label_is_saved_with_provenance_read_back_identically_and_versioned(serv
     assert server.get(versions["versions"][1]["url"]).content == second
 
 
+def info_latencies(server, n: int = 20, pause_s: float = 0.05) -> list[float]:
+    """Seconds each of ``n`` ``GET /info/`` calls took, on one keep-alive session."""
+    session = requests.Session()
+    latencies = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = session.get(server.url + "/info/", headers=server.headers, timeout=30)
+        latencies.append(time.perf_counter() - t)
+        assert r.status_code == 200
+        time.sleep(pause_s)
+    return latencies
+
+
 def test_info_stays_fast_while_explanations_run(server, record_property):
+    idle_p95 = float(np.percentile(info_latencies(server), 95))
     # More jobs than the measurement needs (on a fast machine too); the rest are cancelled afterwards.
     jobs = [server.post("/xai/explain/scorecam", params={"image": "big"}, json={}).json()["job_id"]
             for _ in range(8)]
     deadline = time.monotonic() + 60
     while server.get(f"/xai/jobs/{jobs[0]}").json()["status"] == "queued" and time.monotonic() < deadline:
         time.sleep(0.02)
-    session = requests.Session()
-    latencies = []
     t_first = time.time()
-    for _ in range(20):
-        t = time.perf_counter()
-        r = session.get(server.url + "/info/", headers=server.headers, timeout=30)
-        latencies.append(time.perf_counter() - t)
-        assert r.status_code == 200
-        time.sleep(0.05)
+    latencies = info_latencies(server)
     t_last = time.time()
     for j in jobs:
         server.delete(f"/xai/jobs/{j}")  # 409 for those already done
@@ -302,8 +309,10 @@ def test_info_stays_fast_while_explanations_run(server, record_property):
     assert min(s["started_at"] for s in ran) <= t_first and max(s["finished_at"] for s in ran) >= t_last
     p95 = float(np.percentile(latencies, 95))
     record_property("info_p95_ms", round(p95 * 1000, 1))
-    print(f"\n/info/ during explanations: p95 {p95 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms, "
-          f"{sum(s['status'] == 'done' for s in states)} jobs done")
+    record_property("info_idle_p95_ms", round(idle_p95 * 1000, 1))
+    print(f"\n/info/ idle p95 {idle_p95 * 1000:.1f} ms; during explanations p95 {p95 * 1000:.1f} ms, "
+          f"max {max(latencies) * 1000:.1f} ms, {sum(s['status'] == 'done' for s in states)} jobs done")
+    # /info/ reads only cards and pointers (~7 ms on 2 cores); the worker thread may slow it, not block it.
     assert p95 < 0.1
 
 

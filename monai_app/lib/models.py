@@ -20,30 +20,35 @@ from .errors import Unavailable
 from .versions import VersionStore
 
 
-def weights_dirs() -> list[Path]:
+def weights_dirs(settings: Settings) -> list[Path]:
     """Search order of ``xai_core.models.load``: user (fine-tuned) weights first, then the shipped ones."""
-    s = Settings()
-    return [Path(s.user_weights_dir), Path(s.weights_dir)]
+    return [Path(settings.user_weights_dir), Path(settings.weights_dir)]
 
 
 class ModelCache:
-    """Thread-safe holder of one loaded :class:`~xai_core.models.ModelAdapter`."""
+    """Thread-safe holder of one loaded :class:`~xai_core.models.ModelAdapter`.
 
-    def __init__(self, name: str, device: str):
+    The weight folders come from ``settings`` (default ``Settings()``), read once here: ``/info/``
+    asks every cache for its files, and building settings from the environment per call cost
+    ~80 ms a request.
+    """
+
+    def __init__(self, name: str, device: str, settings: Settings | None = None):
         self.name = name
         self.device = resolve_device(device)
+        self._dirs = weights_dirs(settings or Settings())
         self._lock = threading.Lock()
         self._model: ModelAdapter | None = None
         self._stamp: tuple[Any, ...] | None = None
 
     def versions(self) -> VersionStore:
         """The published fine-tuned versions of this model (``lib.versions``)."""
-        return VersionStore(Settings().user_weights_dir, self.name)
+        return VersionStore(self._dirs[0], self.name)
 
     def own_files(self) -> tuple[Path, Path] | None:
         """``(card, weights)`` of the model's own weights (user folder, then shipped), ignoring any
         active published version."""
-        for d in weights_dirs():
+        for d in self._dirs:
             card = d / f"{self.name}.json"
             if card.is_file() and card.with_suffix(".pt").is_file():
                 return card, card.with_suffix(".pt")
@@ -85,7 +90,7 @@ class ModelCache:
         files = self.files()
         if files is None:
             raise Unavailable(f"model {self.name!r} is not available: no {self.name}.json/.pt in "
-                              f"{', '.join(str(d) for d in weights_dirs())}")
+                              f"{', '.join(str(d) for d in self._dirs)}")
         card, pt = files
         stamp = (str(card), card.stat().st_mtime_ns, pt.stat().st_mtime_ns, pt.stat().st_size)
         with self._lock:

@@ -162,7 +162,7 @@ class SegHeadFinetuneTask(TrainTask):
         """``(card, weights)`` of the version that serves now: the lineage continues from it."""
         from ..models import ModelCache
 
-        files = ModelCache(self.model, self.device).files()
+        files = ModelCache(self.model, self.device, self.settings).files()
         if files is None:
             raise BadInput(f"model {self.model!r} has no weights to fine-tune")
         return files
