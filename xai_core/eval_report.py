@@ -250,7 +250,8 @@ def write_report(result: dict[str, Any], out_dir: str | Path, *, command: str = 
               "passes). Seconds per volume: the explanation pipeline (prepare, predict, attribute, mask), not the "
               "evaluation.", "",
               "Faithfulness settings (`xai_core/settings.py`, block \"Faithfulness and sanity\"): "
-              f"cube {cfg.faithfulness_patch_mm:g} mm, {cfg.faithfulness_steps} steps, fill `{cfg.faithfulness_fill}`"
+              f"cube {cfg.faithfulness_patch_mm:g} mm, {cfg.faithfulness_steps} steps ({cfg.faithfulness_schedule} "
+              f"schedule), fill `{cfg.faithfulness_fill}`"
               + (f" (blur sigma {cfg.faithfulness_blur_mm:g} mm)" if cfg.faithfulness_fill == "blur" else "")
               + f", foreground: normalised intensity > {cfg.faithfulness_foreground:g}; sanity seed "
               f"{cfg.sanity_seed}.", "",

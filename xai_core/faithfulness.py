@@ -20,16 +20,22 @@ and sanity"): the model grid is cut into cubes (squares for 2-D inputs) of
 ``faithfulness_patch_mm``; only cubes that hold foreground take part and only their foreground
 voxels are filled, so a step never paints tissue into the background. Cubes are ranked by their mean
 saliency (ties by position, so the order is reproducible). Step ``k`` of ``faithfulness_steps``
-removes the first ``round(k n / steps)`` of the ``n`` cubes. The fill is one of
+removes the first ``c_k`` of the ``n`` cubes (:func:`step_counts`): ``round(k n / steps)`` on the
+``linear`` schedule, or, on the ``log`` schedule (the default), counts spaced geometrically from 1 cube
+to all ``n``. A lesion covers a few of a brain's ~300 cubes, so on a linear schedule of 20 steps every
+method's MoRF curve falls within the first step; geometric steps sample that first tenth. Areas are
+still taken over the removed fraction (trapezoids on the uneven points); AOPC is the mean drop over
+the steps, so on the log schedule it weighs the first cubes most. The fill is one of
 
 * ``blur``: the image smoothed with a Gaussian of ``faithfulness_blur_mm`` (removes local detail, keeps
   the brightness of the neighbourhood);
 * ``mean``: the mean foreground intensity (a flat grey cube);
 * ``template``: the MNI152 template registered to the study and matched to its intensities
   (:class:`~xai_core.counterfactual.TemplateInFiller`: healthy anatomy instead of a lesion);
+* ``mae``: the shipped masked autoencoder (:mod:`xai_core.mae`, :class:`~xai_core.explain.fills.MAEFill`)
+  reconstructs the removed cubes from the visible ones on the model grid (3-D single-channel inputs);
 * any :class:`~xai_core.counterfactual.InFiller`, passed in or registered by name with
-  :func:`register_infiller` (a masked-autoencoder in-filler registers as ``mae``; none ships yet, so
-  asking for ``mae`` without one names what is missing rather than faking it).
+  :func:`register_infiller`.
 
 The score is the target class's softmax probability (at the model card's temperature); curves are in
 probability units, areas over the removed fraction 0..1.
@@ -54,9 +60,10 @@ from .settings import Settings
 
 __all__ = ["CURVES", "Curve", "FaithfulnessResult", "ArrayFill", "perturbation_curves", "cube_ranking",
            "make_fill", "register_infiller", "registered_infillers", "faithfulness", "aopc", "curve_auc",
-           "ScoreFn"]
+           "ScoreFn", "step_counts", "SCHEDULES"]
 
 CURVES = ("deletion_morf", "deletion_lerf", "insertion_morf", "insertion_lerf")
+SCHEDULES = ("linear", "log")
 
 # fill(x (C, *S) float32, region (*S) bool) -> (C, *S): the image with ``region`` replaced.
 ArrayFill = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -180,6 +187,25 @@ def cube_ranking(saliency: np.ndarray, patch: Sequence[int], foreground: np.ndar
 # ----------------------------------------------------------------------------------------------------------
 
 
+def step_counts(n: int, steps: int, schedule: str = "linear") -> list[int]:
+    """Cubes removed at each curve point: ``[0, c_1, ..., n]``, non-decreasing.
+
+    ``linear``: ``c_k = round(k n / steps)``, ``steps + 1`` points. ``log``: ``c_k`` geometric from 1 to
+    ``n`` over ``steps`` points, repeated counts dropped (at most ``steps + 1`` points, fewer when
+    ``n < steps``).
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    if n < 1:
+        raise ValueError("no cubes to remove")
+    if schedule == "linear":
+        return [int(round(k * n / steps)) for k in range(steps + 1)]
+    if schedule == "log":
+        geo = np.rint(np.geomspace(1, n, steps)).astype(int) if steps > 1 else np.array([n])
+        return [0, *sorted({int(c) for c in geo})]
+    raise ValueError(f"unknown schedule {schedule!r}: use one of {list(SCHEDULES)}")
+
+
 def _where(x: np.ndarray, region: np.ndarray, fill: np.ndarray) -> np.ndarray:
     return np.where(region[None], fill, x).astype(np.float32)
 
@@ -220,11 +246,11 @@ def make_fill(fill: str | InFiller, x: np.ndarray, *, spacing: Sequence[float], 
             infiller: InFiller = TemplateInFiller(registration, settings=cfg)
         elif name in _INFILLERS:
             infiller = _INFILLERS[name](image=grid_image, registration=registration, settings=cfg)
+        elif name == "mae":
+            return _mae_fill(x)
         else:
-            extra = " (no masked-autoencoder in-filler ships yet: register one with register_infiller('mae', ...))" \
-                if name == "mae" else ""
-            raise ValueError(f"unknown fill {fill!r}: use 'blur', 'mean', 'template' or a registered in-filler "
-                             f"{registered_infillers()}{extra}")
+            raise ValueError(f"unknown fill {fill!r}: use 'blur', 'mean', 'template', 'mae' or a registered "
+                             f"in-filler {registered_infillers()}")
     else:
         infiller = fill
     if not isinstance(infiller, InFiller):
@@ -243,6 +269,24 @@ def make_fill(fill: str | InFiller, x: np.ndarray, *, spacing: Sequence[float], 
     return through_infiller, {"fill": infiller.name, **infiller.describe()}
 
 
+def _mae_fill(x: np.ndarray) -> tuple[ArrayFill, dict[str, Any]]:
+    """The shipped MAE's reconstruction of the removed cubes, on the model grid of ``x (1, K, J, I)``."""
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"the 'mae' fill takes single-channel 3-D inputs (1, K, J, I), got {tuple(x.shape)}")
+    from .explain.fills import MAEFill
+
+    mae = MAEFill()
+
+    def by_mae(a: np.ndarray, r: np.ndarray) -> np.ndarray:
+        if not r.any():
+            return a.astype(np.float32)
+        with torch.no_grad():
+            out = mae(torch.from_numpy(np.ascontiguousarray(a, np.float32))[None], torch.from_numpy(r)[None])
+        return out[0].numpy().astype(np.float32)
+
+    return by_mae, mae.describe()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Curves
 # ----------------------------------------------------------------------------------------------------------
@@ -250,8 +294,8 @@ def make_fill(fill: str | InFiller, x: np.ndarray, *, spacing: Sequence[float], 
 
 def perturbation_curves(score: ScoreFn, x: np.ndarray, saliency: np.ndarray, *, patch: int | Sequence[int],
                         steps: int, fill: ArrayFill, foreground: np.ndarray | None = None,
-                        curves: Sequence[str] = ("deletion_morf", "deletion_lerf"), batch: int = 8
-                        ) -> tuple[dict[str, Curve], int]:
+                        curves: Sequence[str] = ("deletion_morf", "deletion_lerf"), batch: int = 8,
+                        schedule: str = "linear") -> tuple[dict[str, Curve], int]:
     """Deletion / insertion curves of one map, in any number of spatial dimensions.
 
     Args:
@@ -259,13 +303,14 @@ def perturbation_curves(score: ScoreFn, x: np.ndarray, saliency: np.ndarray, *, 
         x: the unperturbed input ``(C, *S)``.
         saliency: ``(*S)`` map on the same grid (higher = more important; any scale).
         patch: cube side in voxels (one int, or one per spatial axis).
-        steps: curve points after the start; step ``k`` has ``round(k n / steps)`` of the ``n`` cubes
-            removed (deletion) or restored (insertion).
+        steps: curve points after the start; step ``k`` has ``c_k`` of the ``n`` cubes removed
+            (deletion) or restored (insertion), ``c_k`` from :func:`step_counts` with ``schedule``.
         fill: replaces a region (:func:`make_fill`).
         foreground: bool ``(*S)``; only cubes holding foreground take part, and only their foreground voxels
             are changed (default: all voxels).
         curves: which of :data:`CURVES` to compute.
         batch: perturbed inputs per call of ``score``.
+        schedule: ``'linear'`` or ``'log'`` (:func:`step_counts`).
 
     Returns:
         ``({name: Curve}, number of cubes)``.
@@ -285,7 +330,7 @@ def perturbation_curves(score: ScoreFn, x: np.ndarray, saliency: np.ndarray, *, 
     n = len(order)
     if n == 0:
         raise ValueError("no foreground: nothing to perturb")
-    counts = [int(round(k * n / steps)) for k in range(steps + 1)]
+    counts = step_counts(n, steps, schedule)
     fractions = [c / n for c in counts]
     # rank[cube id] = position in the MoRF order (cubes outside the foreground: never touched).
     rank = np.full(int(labels.max()) + 1, n, dtype=np.int64)
@@ -369,7 +414,9 @@ def faithfulness(model: Any, inputs: Any, saliency: np.ndarray | torch.Tensor, t
 
     t = time.perf_counter()
     out, n = perturbation_curves(score, x, sal, patch=patch, steps=cfg.faithfulness_steps, fill=fill_fn,
-                                 foreground=fg, curves=curves, batch=cfg.faithfulness_batch)
+                                 foreground=fg, curves=curves, batch=cfg.faithfulness_batch,
+                                 schedule=cfg.faithfulness_schedule)
     return FaithfulnessResult(curves=out, target=int(target), fill=fill_desc, patch_voxels=patch, n_cubes=n,
                               seconds=time.perf_counter() - t,
-                              extras={"patch_mm": cfg.faithfulness_patch_mm, "steps": cfg.faithfulness_steps})
+                              extras={"patch_mm": cfg.faithfulness_patch_mm, "steps": cfg.faithfulness_steps,
+                                      "schedule": cfg.faithfulness_schedule})
