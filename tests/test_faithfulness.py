@@ -189,7 +189,8 @@ def test_fills_and_infiller_hook():
 
 @pytest.mark.parametrize(("n", "steps", "schedule", "want"), [
     (300, 4, "linear", [0, 75, 150, 225, 300]),
-    (300, 4, "log", [0, 1, 7, 45, 300]),
+    (300, 4, "log", [0, 1, 150, 299, 300]),
+    (300, 8, "log", [0, 1, 5, 28, 150, 272, 295, 299, 300]),
     (5, 8, "log", [0, 1, 2, 3, 4, 5]),  # repeated counts dropped
     (64, 1, "log", [0, 64]),
 ])
@@ -198,16 +199,19 @@ def test_step_counts(n, steps, schedule, want):
 
 
 def test_log_schedule_samples_the_first_cubes():
-    """On the log schedule a one-cube region among many is removed at step 1, and most points fall in
-    the first tenth of the cubes, where a lesion's evidence is."""
+    """On the log schedule the points crowd at both ends: a one-cube region ranked first is removed at
+    step 1 by MoRF, and LeRF is sampled right before and after it removes that last cube."""
     x, region = _case(3)
     net = RegionModel(torch.from_numpy(region)).eval()
     score = lambda b: torch.softmax(net(torch.from_numpy(b)), 1)[:, 1].detach().numpy()  # noqa: E731
     fill, _ = make_fill("mean", x[None], spacing=(3.0,) * 3)
     out, n = perturbation_curves(score, x[None], region.astype(float), patch=4, steps=10, fill=fill, schedule="log")
     fr = out["deletion_morf"].fractions
-    assert fr[1] == pytest.approx(1 / n) and sum(f <= 0.1 for f in fr) >= 5 and fr[-1] == 1.0
-    assert out["deletion_morf"].scores[1] < 0.5 * out["deletion_morf"].scores[0]
+    assert fr[1] == pytest.approx(1 / n) and fr[-2] == pytest.approx((n - 1) / n) and fr[-1] == 1.0
+    assert sum(f <= 0.1 for f in fr) >= 4 and sum(f >= 0.9 for f in fr) >= 4 and len(fr) == 11
+    morf, lerf = out["deletion_morf"].scores, out["deletion_lerf"].scores
+    assert morf[1] < 0.5 * morf[0]
+    assert np.allclose(lerf[:-1], lerf[0], atol=1e-6) and lerf[-1] < 0.5 * lerf[0]
     with pytest.raises(ValueError, match="schedule"):
         step_counts(10, 4, "cubic")
 

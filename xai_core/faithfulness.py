@@ -22,10 +22,10 @@ voxels are filled, so a step never paints tissue into the background. Cubes are 
 saliency (ties by position, so the order is reproducible). Step ``k`` of ``faithfulness_steps``
 removes the first ``c_k`` of the ``n`` cubes (:func:`step_counts`): ``round(k n / steps)`` on the
 ``linear`` schedule, or, on the ``log`` schedule (the default), counts spaced geometrically from 1 cube
-to all ``n``. A lesion covers a few of a brain's ~300 cubes, so on a linear schedule of 20 steps every
-method's MoRF curve falls within the first step; geometric steps sample that first tenth. Areas are
-still taken over the removed fraction (trapezoids on the uneven points); AOPC is the mean drop over
-the steps, so on the log schedule it weighs the first cubes most. The fill is one of
+up to half of them and mirrored down from ``n``. A lesion covers a few of a brain's ~300 cubes, so on a
+linear schedule every method's MoRF curve falls within the first step and every LeRF curve within the
+last one; the log schedule samples both ends. Areas are still taken over the removed fraction
+(trapezoids on the uneven points); AOPC is the mean drop over the points. The fill is one of
 
 * ``blur``: the image smoothed with a Gaussian of ``faithfulness_blur_mm`` (removes local detail, keeps
   the brightness of the neighbourhood);
@@ -190,9 +190,10 @@ def cube_ranking(saliency: np.ndarray, patch: Sequence[int], foreground: np.ndar
 def step_counts(n: int, steps: int, schedule: str = "linear") -> list[int]:
     """Cubes removed at each curve point: ``[0, c_1, ..., n]``, non-decreasing.
 
-    ``linear``: ``c_k = round(k n / steps)``, ``steps + 1`` points. ``log``: ``c_k`` geometric from 1 to
-    ``n`` over ``steps`` points, repeated counts dropped (at most ``steps + 1`` points, fewer when
-    ``n < steps``).
+    ``linear``: ``c_k = round(k n / steps)``, ``steps + 1`` points. ``log``: dense at both ends, where
+    the two deletion orders reach the evidence: ``ceil(steps / 2)`` counts geometric from 1 to ``n / 2``,
+    their mirror ``n - c``, and ``n``; repeated counts dropped (about ``steps + 1`` points, fewer when
+    ``n`` is small). MoRF removes a lesion's few cubes among the first counts, LeRF among the last.
     """
     if steps < 1:
         raise ValueError("steps must be at least 1")
@@ -201,8 +202,10 @@ def step_counts(n: int, steps: int, schedule: str = "linear") -> list[int]:
     if schedule == "linear":
         return [int(round(k * n / steps)) for k in range(steps + 1)]
     if schedule == "log":
-        geo = np.rint(np.geomspace(1, n, steps)).astype(int) if steps > 1 else np.array([n])
-        return [0, *sorted({int(c) for c in geo})]
+        if steps == 1:
+            return [0, n]
+        half = np.rint(np.geomspace(1, n / 2, -(-steps // 2))).astype(int)
+        return sorted({0, n, *(int(c) for c in half), *(n - int(c) for c in half)})
     raise ValueError(f"unknown schedule {schedule!r}: use one of {list(SCHEDULES)}")
 
 
