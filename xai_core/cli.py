@@ -40,6 +40,32 @@ def _cmd_make_brain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_vqa(a: argparse.Namespace) -> int:
+    """SLAKE-layout VQA set from existing studies (``--data``) or ``--n`` new ones (docs/vqa.md)."""
+    from .data.vqa import VQAOptions, make_vqa
+
+    if (a.data is None) == (a.n is None):  # a user error: one line, exit code 2
+        print("xai data make-vqa: give either --data DIR (studies with manifest.csv) or --n N", file=sys.stderr)
+        return 2
+    if a.data is not None and not (Path(a.data) / "manifest.csv").is_file():
+        print(f"xai data make-vqa: {a.data} has no manifest.csv", file=sys.stderr)
+        return 2
+    if a.n is not None and a.n < 1:
+        print(f"xai data make-vqa: --n must be at least 1, got {a.n}", file=sys.stderr)
+        return 2
+    data = a.data
+    if data is None:
+        from .data.brain import make_brain_studies
+
+        data = Path(a.out) / "studies"
+        make_brain_studies(a.n, a.seed, data, workers=a.workers, progress=_progress("studies"))
+    options = VQAOptions(lesion_slices=a.lesion_slices, free_slices=a.free_slices, normal_slices=a.normal_slices)
+    counts = make_vqa(a.out, data, seed=a.seed, options=options, workers=a.workers, progress=_progress("slices"))
+    print(f"wrote {counts['images']} slices, {counts['train']} / {counts['validation']} / {counts['test']} "
+          f"train / validation / test questions to {a.out}")
+    return 0
+
+
 def _cmd_train(a: argparse.Namespace) -> int:
     if a.model == "mae-3d":  # MedLIME's generative in-filler (xai_core/mae.py, docs/medlime.md)
         from .mae import train_mae
@@ -321,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     mb.add_argument("--max-slice-mm", type=float, default=None, help="thick slices: thickness drawn up to this")
     mb.add_argument("--min-slice-mm", type=float, default=None, help="lower end of the thickness draw")
     mb.set_defaults(func=_cmd_make_brain)
+
+    mv = data.add_parser("make-vqa", help="SLAKE-layout VQA slices and questions from generated studies")
+    mv.add_argument("--out", required=True, help="output folder (imgs/, train.json, validation.json, test.json)")
+    mv.add_argument("--data", default=None, help="existing studies folder (with manifest.csv)")
+    mv.add_argument("--n", type=int, default=None, help="or generate this many studies into OUT/studies")
+    mv.add_argument("--seed", type=int, default=0, help="generator seed (with --n), splits and questions")
+    mv.add_argument("--workers", type=int, default=None, help="processes (default: up to 2)")
+    mv.add_argument("--lesion-slices", type=int, default=2, help="slices through the lesion per plane")
+    mv.add_argument("--free-slices", type=int, default=1, help="lesion-free slices of a lesion study per plane")
+    mv.add_argument("--normal-slices", type=int, default=2, help="slices of a lesion-free study per plane")
+    mv.set_defaults(func=_cmd_make_vqa)
 
     tr = sub.add_parser("train", help="train a model on generated studies")
     tr.add_argument("model", help="model name, e.g. brain-lesion-3d")
