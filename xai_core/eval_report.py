@@ -7,7 +7,8 @@ Files written into the output folder:
   LeRF deletion areas, the sanity rank correlation at full randomisation, seconds per volume), the
   full table with 95 % bootstrap CIs, the sanity cascade table, the figures and how it was made;
 * ``metrics.png``: bars with 95 % CIs per method and metric;
-* ``curves.png``: mean MoRF and LeRF deletion curves (and insertion when computed) per method;
+* ``curves.png``: mean MoRF and LeRF deletion curves (and insertion when computed) per method, on
+  logarithmic axes;
 * ``sanity_cascade.png``: rank correlation and SSIM along the randomisation cascade;
 * ``overlays.png``: the same example studies for every method (axial plane through the lesion,
   ground-truth contour in cyan, the method's mask in white);
@@ -139,30 +140,52 @@ def plot_bars(summary: Sequence[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def _on_grid(curves: Sequence[dict[str, Any]], grid: np.ndarray, lerf: bool) -> np.ndarray:
+    """Each curve's scores at ``grid``: the removed fraction (MoRF) or the fraction still in place (LeRF),
+    linearly interpolated (studies differ in their number of cubes, so their points differ)."""
+    rows = []
+    for c in curves:
+        f, y = np.asarray(c["fractions"], float), np.asarray(c["scores"], float)
+        rows.append(np.interp(grid, (1.0 - f)[::-1], y[::-1]) if lerf else np.interp(grid, f, y))
+    return np.array(rows)
+
+
 def plot_curves(curves: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Mean perturbation curves per method (MoRF solid, LeRF dashed), 95 % CI bands over studies."""
+    """Mean perturbation curves per method with 95 % CI bands over studies: one panel per order and kind.
+
+    The x axes are logarithmic: MoRF against the fraction of cubes removed (or restored), LeRF against
+    the fraction still in place, read right to left, so both show the first and last few cubes, where
+    a lesion's evidence is (the ``log`` schedule of :mod:`xai_core.faithfulness` samples them)."""
     plt = _plt()
     kinds = [k for k in ("deletion", "insertion") if any(c["curve"].startswith(k) for c in curves)]
-    fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.3), squeeze=False)
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(12, 4.3 * len(kinds)), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     methods = list(dict.fromkeys(c["method"] for c in curves))
-    for ax, kind in zip(axes[0], kinds, strict=True):
-        for i, m in enumerate(methods):
-            for order, style in (("morf", "-"), ("lerf", "--")):
+    first = min((f for c in curves for f in c["fractions"] if 0 < f < 1), default=1e-3)
+    grid = np.geomspace(min(first, 1e-2), 1.0, 80)
+    for row, kind in enumerate(kinds):
+        verb = "removed" if kind == "deletion" else "restored"
+        for col, order in enumerate(("morf", "lerf")):
+            ax = axes[row, col]
+            for i, m in enumerate(methods):
                 sel = [c for c in curves if c["method"] == m and c["curve"] == f"{kind}_{order}"]
                 if not sel:
                     continue
-                x = np.asarray(sel[0]["fractions"])
-                y = np.array([c["scores"] for c in sel])
-                ci = np.array([bootstrap_ci(y[:, j], n_boot=500)[1:] for j in range(y.shape[1])])
-                ax.plot(x, y.mean(0), style, color=colours[i % len(colours)], label=f"{m} {order.upper()}")
-                ax.fill_between(x, ci[:, 0], ci[:, 1], color=colours[i % len(colours)], alpha=0.08)
-        ax.set_xlabel("fraction of foreground cubes " + ("removed" if kind == "deletion" else "restored"))
-        ax.set_ylabel("probability of the explained class")
-        ax.set_title(f"{kind} curves", fontsize=10)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+                y = _on_grid(sel, grid, lerf=order == "lerf")
+                ci = np.array([bootstrap_ci(y[:, j], n_boot=300)[1:] for j in range(y.shape[1])])
+                ax.plot(grid, y.mean(0), color=colours[i % len(colours)], label=m)
+                ax.fill_between(grid, ci[:, 0], ci[:, 1], color=colours[i % len(colours)], alpha=0.08)
+            ax.set_xscale("log")
+            if order == "lerf":
+                ax.invert_xaxis()
+                ax.set_xlabel(f"fraction of foreground cubes not yet {verb} (least relevant go first)")
+            else:
+                ax.set_xlabel(f"fraction of foreground cubes {verb} (most relevant first)")
+            ax.set_ylabel("probability of the explained class")
+            ax.set_title(f"{kind}, {order.upper()} ({len(sel)} studies)", fontsize=10)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
