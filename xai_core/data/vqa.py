@@ -266,12 +266,13 @@ def _study_slices(args) -> list[dict]:
         raise ValueError(f"{row['study_id']}: the mask's grid differs from the image's")
     mask = mask_img.array > 0
     fg = image.array[image.array > 0]
-    window = (float(np.percentile(fg, 1)), float(np.percentile(fg, 99.5))) if fg.size else (0.0, 1.0)
+    p1, p50, p995 = (float(v) for v in np.percentile(fg, [1, 50, 99.5])) if fg.size else (0.0, 0.0, 1.0)
+    window = (p1, p995)
     has_lesion = bool(mask.any()) and row["label"] != "none"
     comps, sides = _component_sides(image, mask, row) if has_lesion else (np.zeros(mask.shape, np.int32), {})
     comp_img = image.with_array(comps.astype(np.int32))
     # The brain's extent along each axis: lesion-free slices are drawn in its central part.
-    thr = np.percentile(fg, 50) * 0.3 if fg.size else 0
+    thr = p50 * 0.3
     head_pts = _physical_points(image, image.array > thr)
     lesion_pts = _physical_points(image, mask) if has_lesion else None
     if has_lesion:
