@@ -259,6 +259,10 @@ def test_medlime_names_the_evidence_cases_and_adapts_the_input():
     assert ev["mode"] == "knn" and len(ev["cases"]) == 3 and "z" not in [c["case"] for c in ev["cases"]]
     assert sum(c["weight"] for c in ev["cases"]) == pytest.approx(1.0, abs=1e-5)
     assert att.extras["stta"]["steps"] == 3 and att.extras["fill"]["fill"] == "mae"
+    from xai_core.schema import EvidenceSummary
+
+    typed = EvidenceSummary.model_validate(ev)  # the reply's saliency.evidence field
+    assert [c.case for c in typed.cases] == [c["case"] for c in ev["cases"]] and typed.k == 3
     assert att.raw[0].shape == (1, 1, 1, 16, 16, 16)
     # A heavy evidence term makes the weights follow the (scaled) evidence map.
     heavy = get_explainer("medlime")(box, **{**common, "lambda2": 1e6, "lambda1": 0.0}).attribute(x, target=1)

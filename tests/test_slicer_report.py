@@ -249,3 +249,19 @@ def test_label_params_send_the_result_id_and_leave_provenance_to_the_server(resu
     no_id = copy.deepcopy(result)
     no_id["result_id"] = None
     assert report.label_params(no_id, [], None) == {"source": "manual", "segments": []}
+
+
+def test_medlime_evidence_cases_are_named_in_the_summary(bare):
+    r = copy.deepcopy(bare)
+    assert report.evidence_line(r) is None  # other methods carry no evidence
+    cases = [{"case": f"brain_s{i}", "label": "glioma", "distance": 0.1 * i, "weight": w}
+             for i, w in enumerate((0.5, 0.3, 0.2))]
+    r["saliency"]["evidence"] = {"mode": "knn", "library": "evidence.npz", "k": 3, "bandwidth": 0.1, "cases": cases}
+    ExplanationResult.model_validate(r)  # the typed field the server fills
+    assert schema.check_reply(r) == []
+    line = report.evidence_line(r)
+    assert line == ("Evidence: 3 similar cases: brain_s0 (glioma, weight 0.50), brain_s1 (glioma, weight 0.30), "
+                    "brain_s2 (glioma, weight 0.20)")
+    assert line in report.summary_text(r) and "brain_s2 (glioma, weight 0.20)" in report.summary_html(r)
+    r["saliency"]["evidence"] = {"mode": "off", "reason": "no evidence library loaded", "cases": []}
+    assert report.evidence_line(r) == "Evidence: none used (no evidence library loaded)"

@@ -111,6 +111,7 @@ class Explanation:
                 "display": attribution.pop("display", "minmax"),
                 "raw_max": attribution.pop("raw_max", []),
                 "convergence_delta": attribution.pop("convergence_delta", None),
+                "evidence": attribution.pop("evidence", None),
                 "extras": attribution,
             },
             mask={

@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .findings import Findings
 from .ood import OODResult
 
-__all__ = ["SCHEMA_VERSION", "ClassificationResult", "ExplanationResult", "ImageGeometry", "MaskSummary",
-           "ModelRef", "PredictionSummary", "SaliencySummary", "SegmentationResult", "result_json_schema"]
+__all__ = ["SCHEMA_VERSION", "ClassificationResult", "EvidenceCase", "EvidenceSummary", "ExplanationResult",
+           "ImageGeometry", "MaskSummary", "ModelRef", "PredictionSummary", "SaliencySummary", "SegmentationResult",
+           "result_json_schema"]
 
 SCHEMA_VERSION = "2.0"
 
@@ -51,6 +52,24 @@ class PredictionSummary(_Strict):
     lesion_volume_ml_segmentation_head: float = Field(description="lesion volume of the segmentation head, mL")
 
 
+class EvidenceCase(_Strict):
+    case: str = Field(description="id of the past case in the evidence library")
+    label: str = Field(description="its class")
+    distance: float = Field(description="cosine distance of its features to this study's")
+    weight: float = Field(description="Nadaraya-Watson kernel weight (the weights of all cases sum to 1)")
+
+
+class EvidenceSummary(_Strict):
+    """The similar past cases MedLIME's evidence-based regularisation drew on (docs/medlime.md)."""
+
+    mode: str = Field(description="'knn' (nearest abnormal cases), 'random' (the ablation) or 'off'")
+    reason: str | None = Field(None, description="why no evidence was used, when mode is 'off'")
+    library: str | None = Field(None, description="the evidence library file")
+    k: int | None = Field(None, description="cases asked for")
+    bandwidth: float | None = Field(None, description="kernel bandwidth (cosine distance)")
+    cases: list[EvidenceCase] = Field(default_factory=list, description="the cases used, nearest first")
+
+
 class SaliencySummary(_Strict):
     flat: list[bool] = Field(description="per target: the map was flat (no ranking possible)")
     peak_index_ijk: list[int] = Field(description="primary map's maximum, voxel index (i, j, k)")
@@ -60,6 +79,8 @@ class SaliencySummary(_Strict):
     raw_max: list[float] = Field(description="per target: maximum of the view before scaling, method's unit")
     convergence_delta: list[float] | None = Field(None, description="path methods, per target: sum of attributions "
                                                                     "minus the logit difference to the baseline")
+    evidence: EvidenceSummary | None = Field(None, description="MedLIME: the similar past cases behind the "
+                                                               "explanation, with their weights")
     extras: dict[str, Any] = Field(default_factory=dict, description="method diagnostics")
 
 

@@ -162,6 +162,21 @@ def location_line(result: Mapping[str, Any]) -> str | None:
     return f"Location: {'no side' if side == 'none' else f'{side} hemisphere'}, {where}"
 
 
+def evidence_line(result: Mapping[str, Any], most: int = 5) -> str | None:
+    """MedLIME's similar past cases: "Evidence: 3 similar cases: s12 (glioma, weight 0.41), ..."."""
+    if get(result, "saliency.evidence") is None:
+        return None
+    cases = items(result, "saliency.evidence.cases")
+    mode = str(get(result, "saliency.evidence.mode", "off"))
+    if not cases:
+        return f"Evidence: none used ({get(result, 'saliency.evidence.reason') or mode})"
+    kind = "random cases (ablation)" if mode == "random" else "similar cases"
+    shown = ", ".join(f"{get(c, 'saliency.evidence.cases[].case', '?')} "
+                      f"({get(c, 'saliency.evidence.cases[].label', '?')}, "
+                      f"weight {float(get(c, 'saliency.evidence.cases[].weight', 0.0)):.2f})" for c in cases[:most])
+    return f"Evidence: {len(cases)} {kind}: {shown}" + (", ..." if len(cases) > most else "")
+
+
 def report_markdown(result: Mapping[str, Any]) -> str | None:
     """The drafted report (Markdown), when the reply carries one."""
     rep = get(result, "report")
@@ -201,6 +216,9 @@ def summary_text(result: Mapping[str, Any]) -> str:
     if loc:
         lines.append(loc)
     lines += [f"{sev.capitalize()}: {msg}" for sev, _, msg in quality_flags(result)]
+    ev = evidence_line(result)
+    if ev:
+        lines.append(ev)
     cf = counterfactual_sentence(result)
     if cf:
         lines.append(f"Counterfactual: {cf}")
@@ -250,6 +268,9 @@ def summary_html(result: Mapping[str, Any]) -> str:
     for sev, code, msg in quality_flags(result):
         out.append(f"<p style='color:{_FLAG_COLOUR.get(sev, '#555555')}'><b>{_e(sev.capitalize())}</b> "
                    f"({_e(code)}): {_e(msg)}</p>")
+    ev = evidence_line(result)
+    if ev:
+        out.append(f"<p>{_e(ev)}</p>")
     cf = counterfactual_sentence(result)
     if cf:
         out.append(f"<p><b>Counterfactual:</b> {_e(cf)}</p>")

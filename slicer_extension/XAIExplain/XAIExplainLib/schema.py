@@ -50,6 +50,9 @@ READS: dict[str, tuple[str, ...]] = {
         "findings.quality_flags", "findings.quality_flags[].code", "findings.quality_flags[].severity",
         "findings.quality_flags[].message",
         "ood", "ood.flagged", "ood.reasons",
+        "saliency", "saliency.evidence", "saliency.evidence.mode", "saliency.evidence.reason",
+        "saliency.evidence.cases", "saliency.evidence.cases[].case", "saliency.evidence.cases[].label",
+        "saliency.evidence.cases[].weight",
     ),
 }
 _ALL_READS = frozenset(p for paths in READS.values() for p in paths)
