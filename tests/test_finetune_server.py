@@ -61,11 +61,30 @@ def server(tmp_path_factory):
     for n, sid in enumerate(UNLABELLED):
         image, _ = ft.blob_study(500 + n, "plain" if sid.startswith("plain") else "skull")
         write_image(image, src / f"{sid}.nii.gz")
+    seed_replay_cache(root / "datastore" / ".xai")
     env = {"XAI_DEVICE": "cpu", "XAI_WEIGHTS_DIR": str(shipped), "XAI_USER_WEIGHTS_DIR": str(user), "XAI_TOKEN": TOKEN}
     # A generous start-up limit: the server imports MONAI Label (seconds), slower on a shared machine.
     with su.running_server(src, root / "datastore", root / "server.log", env, token=TOKEN, timeout=900) as srv:
         srv.shipped, srv.user_weights, srv.masks, srv.tmp = shipped, user, masks, root
         yield srv
+
+
+def seed_replay_cache(state_dir: Path) -> None:
+    """The trainer's rehearsal cache (``<state dir>/replay/original-s<seed>``), filled with the tiny
+    model's original condition (plain heads) as ``xai data make-brain`` would fill it with brains:
+    the same studies as ``test_finetune.replay_sets_of`` (16 rehearsed, then 8 for the guard's check)."""
+    from lib.trainers.finetune import FinetuneSettings
+    from lib.trainers.seg_head import replay_folder
+
+    folder = replay_folder(state_dir, FinetuneSettings())
+    (folder / "labels").mkdir(parents=True)
+    lines = ["study_id,image,mask"]
+    for seed in [*range(500, 516), *range(600, 608)]:
+        image, mask = ft.blob_study(seed, "plain", lesion=seed % 5 != 0)
+        write_image(image, folder / f"plain{seed}.nii.gz")
+        write_image(mask, folder / "labels" / f"plain{seed}.nii.gz")
+        lines.append(f"plain{seed},plain{seed}.nii.gz,labels/plain{seed}.nii.gz")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
 
 
 def save_labels(server) -> None:
@@ -144,8 +163,13 @@ def test_finetune_publishes_a_better_version_and_the_guard_refuses_a_worse_one(s
     assert v["after"] > v["before"] and v["scheme"] == "holdout" and v["n_validation"] == 3
     assert state["curve"][0]["epoch"] == 0 and len(state["curve"]) >= 2 and state["progress"] == 1.0
     assert state["version"] == "0.0.1+ft1"
+    # The guard's second condition, in the status and the card: the original condition was kept.
+    original = state["original_condition"]
+    assert original == v["original_condition"] and original["n_studies"] == 8 and original["n_replay"] == 16
+    assert original["kept"] and original["drop"] <= 0.02 and original["before"] > 0.5, original
     card = json.loads((server.user_weights / "versions" / "brain-lesion-3d" / "0.0.1+ft1.json").read_text())
     training = card["training"]
+    assert card["metrics"]["original_condition"] == original and training["replay"]["n_check"] == 8
     assert training["base"]["weights_sha256"] == json.loads((server.shipped / "brain-lesion-3d.json").read_text())[
         "weights_sha256"]
     assert sorted(x["image"] for x in training["labels"]) == sorted(LABELLED)
@@ -207,7 +231,8 @@ def test_a_fine_tune_continues_the_lineage_of_the_active_version(server):
     if not server.get("/xai/models/brain-lesion-3d/versions").json()["versions"]:
         pytest.skip("needs the version published by an earlier test")
     assert server.post("/xai/models/brain-lesion-3d/activate", json={"version": "0.0.1+ft1"}).status_code == 200
-    state = train(server, {**QUICK, "min_improvement": -1.0, "max_epochs": 2, "activate": True})
+    state = train(server, {**QUICK, "min_improvement": -1.0, "max_original_drop": 1.0, "max_epochs": 2,
+                           "activate": True})
     assert state["outcome"] == "published" and state["version"] == "0.0.1+ft2", state
     info = server.get("/info/").json()["xai"]["model"]
     # Named by lineage (never ...-ft-...-ft-...), activated at once with activate: true.

@@ -10,8 +10,15 @@ the server keeps answering while it trains. The run:
    validation curve to ``<datastore>/.xai/train/latest.json`` after every epoch (``GET /train/``
    shows it),
 4. publishes the new weights as the next version of the lineage (``lib.versions``) only when their
-   validation Dice beats the base's on the same labels; otherwise the run ends ``not_better`` with
-   both figures. ``activate: true`` makes a published version active at once.
+   validation Dice beats the base's on the same labels AND their Dice on held-out studies of the
+   original condition drops by no more than ``max_original_drop``; otherwise the run ends
+   ``not_better`` with the figures. ``activate: true`` makes a published version active at once.
+
+Rehearsal: studies of the original condition (skull-stripped T1 of the project's own generator,
+``xai_core.data.brain``, the data the release was trained on) join every mini-batch so that labels
+of one condition do not make the model forget the other; a second set, never trained on, is the
+guard's check. Both are generated once with fixed seeds and cached in
+``<state dir>/replay/original-s<seed>/`` (nothing is downloaded).
 
 The name is kept from when only the segmentation head learned (clients call it); ``parts`` chooses
 what learns now.
@@ -34,12 +41,12 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.train import TrainTask
 
 from xai_core.io import Image, read_image
-from xai_core.models import load_card_file
+from xai_core.models import LesionModel, load_card_file
 from xai_core.settings import Settings, resolve_device
 
 from ..errors import BadInput
 from ..versions import VersionStore, display_name
-from .finetune import PARTS, SPLITS, FinetuneSettings, finetune, to_sample
+from .finetune import PARTS, SPLITS, FinetuneSettings, Sample, finetune, to_sample
 
 log = logging.getLogger("xai.train")
 
@@ -48,7 +55,64 @@ LATEST = "latest.json"
 # Request keys and their types; FinetuneSettings checks the ranges.
 SETTING_KEYS: dict[str, type] = {"parts": str, "lr": float, "batch_size": int, "max_epochs": int, "patience": int,
                                  "split": str, "val_fraction": float, "folds": int, "min_improvement": float,
-                                 "seed": int, "max_steps": int}
+                                 "seed": int, "max_steps": int, "replay_per_batch": int, "replay_weight": float,
+                                 "l2sp_weight": float, "replay_distill_weight": float, "max_original_drop": float,
+                                 "replay_studies": int, "replay_check_studies": int, "replay_seed": int}
+REPLAY_DIR = "replay"
+# The original condition: the historic generator's defaults (MNI152 anatomy, skull-stripped T1).
+REPLAY_CONDITION = "generated, mni152, skull off, t1 (xai_core.data.brain defaults)"
+
+
+def replay_folder(state_dir: Path | str, cfg: FinetuneSettings) -> Path:
+    """Where the original-condition studies of ``cfg.replay_seed`` are cached: a folder as
+    ``xai data make-brain`` writes it (``manifest.csv`` with ``study_id``, ``image``, ``mask``)."""
+    return Path(state_dir) / REPLAY_DIR / f"original-s{cfg.replay_seed}"
+
+
+def replay_sets(model: LesionModel, state_dir: Path | str, cfg: FinetuneSettings,
+                progress: Any = None) -> tuple[list[Sample], list[Sample], dict[str, Any]]:
+    """``(replay, check, info)``: the first ``replay_studies`` cached studies (rehearsed; none when
+    ``replay_per_batch`` is 0) and the next ``replay_check_studies`` (the guard's held-out check), on
+    the model grid. Generated (deterministic seed) when the cache holds fewer."""
+    import csv
+
+    from xai_core.data.brain import BrainOptions, make_brain_studies
+
+    n_train = cfg.replay_studies if cfg.replay_per_batch else 0
+    n = n_train + cfg.replay_check_studies
+    folder = replay_folder(state_dir, cfg)
+    info = {"condition": REPLAY_CONDITION, "seed": cfg.replay_seed, "folder": str(folder), "n_replay": 0,
+            "n_check": 0}
+    if n == 0:
+        return [], [], info
+
+    def rows() -> list[dict[str, str]]:
+        try:
+            with open(folder / "manifest.csv", newline="") as f:
+                return list(csv.DictReader(f))
+        except OSError:
+            return []
+
+    have = rows()
+    if len(have) < cfg.replay_studies + cfg.replay_check_studies:
+        if progress:
+            progress(n)
+        t = time.time()
+        # The generator is deterministic per (seed, index): a larger set starts with the smaller one.
+        make_brain_studies(cfg.replay_studies + cfg.replay_check_studies, cfg.replay_seed, folder, workers=1,
+                           options=BrainOptions())
+        log.info("generated %d original-condition studies in %s (%.0f s)", n, folder, time.time() - t)
+        have = rows()
+    # The check set is the same studies whether or not the run rehearses: the studies after the first
+    # ``replay_studies``.
+    picked = have[:n_train] + have[cfg.replay_studies:cfg.replay_studies + cfg.replay_check_studies]
+    out = []
+    for r in picked:
+        image = read_image(str(folder / r["image"]))
+        mask = Image.from_sitk(sitk.ReadImage(str(folder / r["mask"])))  # lesion-free masks are all zero
+        out.append(to_sample(model, image, mask, key=r.get("study_id") or Path(r["image"]).name))
+    info.update(n_replay=n_train, n_check=len(out) - n_train)
+    return out[:n_train], out[n_train:], info
 
 
 def status_path(state_dir: Path | str) -> Path:
@@ -209,7 +273,14 @@ class SegHeadFinetuneTask(TrainTask):
             raise BadInput(f"{len(samples)} usable stored label(s) with tag {tag!r}: a validated fine-tune needs 2")
         base = {"name": model.card.name, "version": model.card.version, "weights_sha256": model.card.weights_sha256,
                 "display_name": display_name(model.card.name, model.card.version)}
-        doc.update(stage="training", base=base, labels=used)
+        replay, check, replay_info = [], [], None
+        if self.state_dir is not None:
+            def generating(k: int) -> None:
+                doc.update(stage=f"generating {k} original-condition studies for rehearsal (once)")
+                self._status(doc)
+
+            replay, check, replay_info = replay_sets(model, self.state_dir, cfg, progress=generating)
+        doc.update(stage="training", base=base, labels=used, replay=replay_info)
         self._status(doc)
         log.info("fine-tuning %s on %d labels (%s)", base["display_name"], len(samples), cfg.as_dict())
 
@@ -224,36 +295,42 @@ class SegHeadFinetuneTask(TrainTask):
                   f"loss {last.get('train_loss')} val_dice {last.get('val_dice')}", flush=True)
             self._status(doc)
 
-        outcome = finetune(model, samples, cfg, progress=progress)
+        outcome = finetune(model, samples, cfg, progress=progress, replay=replay, replay_check=check)
         validation = outcome.validation()
-        doc.update(validation=validation, progress=1.0, finished_at=time.time())
+        original = validation["original_condition"]
+        doc.update(validation=validation, original_condition=original, progress=1.0, finished_at=time.time())
         settings = {"tag": tag, **cfg.as_dict(), "max_images": max_images, "device": str(model.device)}
+        kept = "" if original is None else (f"; original condition {original['after']:.4f} vs "
+                                            f"{original['before']:.4f} (at most {original['max_drop']} lower)")
         if not outcome.better:
+            why = ("forgets the original condition" if outcome.reason == "forgets the original condition"
+                   else "not better")
             doc.update(state="not_better", stage="done", version=None,
-                       message=f"not better: validation Dice {outcome.after:.4f} after fine-tuning vs "
+                       message=f"{why}: validation Dice {outcome.after:.4f} after fine-tuning vs "
                                f"{outcome.before:.4f} for {base['display_name']} on the same {validation['scheme']} "
-                               "labels; nothing published")
+                               f"labels{kept}; nothing published")
             self._status(doc)
             log.info(doc["message"])
             return {"outcome": "not_better", "before": outcome.before, "after": outcome.after, "version": None,
-                    "validation": validation}
+                    "validation": validation, "original_condition": original}
         model.net.load_state_dict(outcome.state)
         store = self.versions()
         card = store.publish(model.net, model.card, training={
             "kind": "fine-tune on stored labels", "trainer": "seg_head_finetune", "base": base, "labels": used,
             "settings": settings, "trainable_prefixes": list(PARTS[cfg.parts]), "curve": outcome.curve,
-            "seconds": round(time.time() - doc["started_at"], 2)},
-            metrics={"validation": validation})
+            "replay": replay_info, "seconds": round(time.time() - doc["started_at"], 2)},
+            metrics={"validation": validation, "original_condition": original})
         if activate:
             store.activate(card.version)
         name = display_name(card.name, card.version)
         doc.update(state="published", stage="done", version=card.version, display_name=name, activated=activate,
                    message=f"published {name}: validation Dice {outcome.after:.4f} vs {outcome.before:.4f} for "
-                           f"{base['display_name']}")
+                           f"{base['display_name']}{kept}")
         self._status(doc)
         log.info(doc["message"])
         return {"outcome": "published", "before": outcome.before, "after": outcome.after, "version": card.version,
-                "display_name": name, "activated": activate, "validation": validation}
+                "display_name": name, "activated": activate, "validation": validation,
+                "original_condition": original}
 
     @staticmethod
     def _read_label(datastore: Datastore, image_id: str, tag: str, label_uri: str) -> Image | None:
