@@ -1,22 +1,33 @@
-"""Corrected labels in a condition the model handles badly: Dice after 0, 5, 10, 20 labels, picked by
-the ``least_sure`` strategy or at random (issue 18 item 5).
+"""Corrected labels in a condition the shipped model handles badly: segmentation Dice after 0, 5, 10
+and 20 labels, picked by the ``least_sure`` strategy or at random (issue 18 item 5).
 
-    python bench/active_learning.py --condition skull_t1 --out runs/bench_al/skull_t1
-    python bench/active_learning.py --condition t2 --budgets 0 5 10 20 --repeats 3 --out runs/bench_al/t2
+    nice -n 19 python bench/active_learning.py --out runs/al            # skull-on T1 (the default)
 
-For a condition (``--condition``, see :data:`CONDITIONS`) it generates, once (kept in ``--data``):
-a pool of studies to label (``--pool``, seed 7100), held-out studies of the same condition
-(``--heldout``, seed 7200) and held-out studies of the original condition (skull-stripped T1,
-``--original``, seed 7300). The generator's ground-truth masks stand in for a radiologist's corrected
-labels. For each strategy and label budget it picks that many pool studies, fine-tunes the shipped
-model on them exactly as ``POST /train/seg_head_finetune`` does (``lib.trainers.finetune.finetune``
-with the guard: weights that are not better on validation are not published, so the base model
-stays), and scores the result on both held-out sets (segmentation-head lesion Dice on the model
-grid, lesion studies only).
+The weak condition is skull-on T1 (``brain-lesion-3d`` 1.2.0 was trained on skull-stripped T1). Data,
+all from the project's generator (``xai data make-brain``; nothing downloaded):
 
-``least_sure`` ranks the pool once with the base model (batch selection: the top-k of one ranking);
-``random`` draws ``--repeats`` seeded permutations. Writes ``<out>/results.json``, ``<out>/results.csv``,
-``<out>/active_learning.png`` and prints the markdown table for ``docs/benchmarks.md``.
+* ``--pool``: studies to correct, skull-on T1; their ground-truth masks stand in for a radiologist's
+  corrected labels (made with ``xai data make-brain --n 40 --seed 7100 --templates icbm09a
+  --skull on --contrasts t1 --out data/al/pool_on_t1``);
+* ``--heldout``: held-out studies of the weak condition (``data/r16/held/on_t1``, seed 6002);
+* ``--original``: held-out studies of the original condition (``data/heldout``, skull-off T1, seed 3000);
+* ``--replay``: studies of the original condition for rehearsal and for the guard's check: the first
+  ``--replay-n`` are rehearsed in every mini-batch, the next ``--check-n`` are the guard's held-out
+  check (``data/val``, seed 2000, the same generator and condition as the trainer's own replay set;
+  the server generates its own, ``lib.trainers.seg_head.replay_sets``).
+
+For each strategy and label budget it fine-tunes the shipped model on that many pool studies exactly
+as ``POST /train/seg_head_finetune`` does (``lib.trainers.finetune.finetune`` with rehearsal and the
+guard: weights that are not better on the validation labels, or lose more than ``max_original_drop``
+on the check set, are not published and the base model stays), and scores the model that would
+serve on both held-out sets (segmentation-head lesion Dice on the model grid, lesion studies only).
+It also scores the weights the guard judged (``candidate_*``), published or not.
+
+``least_sure`` ranks the pool once with the base model (batch selection: the top k of one ranking);
+``random`` draws seeded permutations (``--repeats``). Every finished row is written to
+``<out>/results.json`` at once; a rerun skips the rows already there. ``--plot-only`` redraws the
+plot and table from it. Writes ``<out>/results.json``, ``<out>/active_learning.png`` and prints the
+markdown table for ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import csv
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,161 +50,196 @@ sys.path.insert(0, str(ROOT / "monai_app"))  # the app's modules import as lib.*
 from lib.activelearning.uncertainty import score_study  # noqa: E402
 from lib.trainers.finetune import FinetuneSettings, Sample, dice_per_sample, finetune, to_sample  # noqa: E402
 
-from xai_core.data.brain import BrainOptions, make_brain_studies, read_manifest  # noqa: E402
 from xai_core.io import Image, read_image  # noqa: E402
-from xai_core.models import LesionModel, load  # noqa: E402
+from xai_core.models import LesionModel, build_network, load  # noqa: E402
 from xai_core.settings import Settings  # noqa: E402
 
-# Weak conditions of the shipped model (docs/data.md, baseline per condition) and the original one.
-CONDITIONS: dict[str, BrainOptions] = {
-    "skull_t1": BrainOptions(skull="on"),
-    "t2": BrainOptions(contrasts=("t2",)),
-    "flair": BrainOptions(contrasts=("flair",)),
-    "skull_t2": BrainOptions(skull="on", contrasts=("t2",)),
-    "original": BrainOptions(),
-}
-SEEDS = {"pool": 7100, "heldout": 7200, "original": 7300}
+DATA = ROOT / "data"
 
 
-def studies(folder: Path, n: int, seed: int, options: BrainOptions, workers: int) -> list[dict]:
-    """The manifest rows of ``n`` generated studies in ``folder`` (generated when missing)."""
-    if not (folder / "manifest.csv").is_file():
-        t = time.time()
-        make_brain_studies(n, seed, folder, workers=workers, options=options)
-        print(f"generated {n} studies in {folder} ({time.time() - t:.0f} s)", flush=True)
-    rows = read_manifest(folder)
-    if len(rows) < n:
-        raise SystemExit(f"{folder} holds {len(rows)} studies, {n} asked: remove it or lower the count")
-    return rows[:n]
+def manifest(folder: Path) -> list[dict]:
+    """``study_id``, ``image``, ``mask`` (absolute) of the rows of ``folder/manifest.csv``: all this
+    needs, so that a manifest of only those columns (a pool whose generation was cut short) reads too."""
+    with open(folder / "manifest.csv", newline="") as f:
+        return [{"study_id": r["study_id"], "image": str(folder / r["image"]), "mask": str(folder / r["mask"])}
+                for r in csv.DictReader(f)]
 
 
-def samples(model: LesionModel, rows: list[dict]) -> list[Sample]:
+def samples(model: LesionModel, folder: Path, n: int | None = None, skip: int = 0) -> list[Sample]:
     import SimpleITK as sitk
 
+    rows = manifest(folder)[skip:]
+    rows = rows[:n] if n is not None else rows
     out = []
     for r in rows:
         image = read_image(r["image"])
         # Masks of lesion-free studies are all zero, which read_image rightly refuses for an image.
         mask = Image.from_sitk(sitk.ReadImage(r["mask"]))
-        out.append(to_sample(model, image, mask, key=Path(r["image"]).name))
+        out.append(to_sample(model, image, mask, key=r["study_id"]))
     return out
 
 
 def lesion_dice(model: LesionModel, state: dict | None, evaluate: list[Sample]) -> float:
     net = model.net
     if state is not None:
-        net = type(net)(**model.card.arch_kwargs).eval()
+        net = build_network(model.card).eval()
         net.load_state_dict(state)
     with_lesion = [s for s in evaluate if s.m.any()]
     return float(np.mean(dice_per_sample(net, with_lesion, model.device)))
 
 
+def key_of(rec: dict) -> tuple:
+    return rec["strategy"], rec["repeat"], rec["labels"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--condition", default="skull_t1", choices=sorted(c for c in CONDITIONS if c != "original"))
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "bench_al")
-    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_al")
-    ap.add_argument("--pool", type=int, default=40)
-    ap.add_argument("--heldout", type=int, default=20)
-    ap.add_argument("--original", type=int, default=20)
+    ap.add_argument("--pool", type=Path, default=DATA / "al" / "pool_on_t1")
+    ap.add_argument("--pool-n", type=int, default=None, help="pool studies used (default: all)")
+    ap.add_argument("--heldout", type=Path, default=DATA / "r16" / "held" / "on_t1")
+    ap.add_argument("--heldout-n", type=int, default=None, help="held-out studies used (default: all)")
+    ap.add_argument("--original", type=Path, default=DATA / "heldout")
+    ap.add_argument("--original-n", type=int, default=None, help="original-condition studies used (default: all)")
+    ap.add_argument("--replay", type=Path, default=DATA / "val")
+    ap.add_argument("--replay-n", type=int, default=16)
+    ap.add_argument("--check-n", type=int, default=8)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "al")
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 5, 10, 20])
     ap.add_argument("--strategies", nargs="+", default=["least_sure", "random"], choices=["least_sure", "random"])
-    ap.add_argument("--repeats", type=int, default=1, help="random draws (and fine-tune seeds) per budget")
-    ap.add_argument("--parts", default="head", choices=["head", "last_stages", "all"])
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--max-epochs", type=int, default=40)
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=2, help="random draws per budget")
+    ap.add_argument("--settings", default="{}", help="JSON of FinetuneSettings fields over the defaults")
+    ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
-    settings = Settings()
-    if settings.num_threads:
-        torch.set_num_threads(settings.num_threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    opts = CONDITIONS[args.condition]
-    pool_rows = studies(args.data / f"{args.condition}_pool", args.pool, SEEDS["pool"], opts, args.workers)
-    held_rows = studies(args.data / f"{args.condition}_heldout", args.heldout, SEEDS["heldout"], opts, args.workers)
-    orig_rows = studies(args.data / "original_heldout", args.original, SEEDS["original"], CONDITIONS["original"],
-                        args.workers)
+    out_json = args.out / "results.json"
+    summary = json.loads(out_json.read_text()) if out_json.is_file() else {}
+    if args.plot_only:
+        plot(summary["rows"], args.out / "active_learning.png", summary)
+        print(table(summary["rows"], summary))
+        return 0
+    settings = Settings()
+    torch.set_num_threads(settings.num_threads or 1)
+    cfg = replace(FinetuneSettings(), **json.loads(args.settings))
     # The shipped weights, not a fine-tuned copy in the user weights folder.
     model = load("brain-lesion-3d", weights_dir=settings.weights_dir, settings=settings)
-    print(f"model {model.card.name} {model.card.version}, condition {args.condition}", flush=True)
-    pool, held, orig = samples(model, pool_rows), samples(model, held_rows), samples(model, orig_rows)
-
+    print(f"model {model.card.name} {model.card.version}; settings {cfg.as_dict()}", flush=True)
     t = time.time()
-    scores = {s.key: asdict(score_study(model, read_image(r["image"]), settings=settings))
-              for s, r in zip(pool, pool_rows, strict=True)}
-    ranked = sorted(range(len(pool)), key=lambda i: (-scores[pool[i].key]["score"], pool[i].key))
-    print(f"scored the pool in {time.time() - t:.0f} s", flush=True)
+    pool = samples(model, args.pool, args.pool_n)
+    held, orig = samples(model, args.heldout, args.heldout_n), samples(model, args.original, args.original_n)
+    replay = samples(model, args.replay, args.replay_n) if cfg.replay_per_batch else []
+    check = samples(model, args.replay, args.check_n, skip=args.replay_n)
+    print(f"read {len(pool)} pool, {len(held)} + {len(orig)} held-out, {len(replay)} replay, {len(check)} check "
+          f"studies ({time.time() - t:.0f} s)", flush=True)
 
-    base = {"heldout": lesion_dice(model, None, held), "original": lesion_dice(model, None, orig)}
-    rows: list[dict] = []
-    for strategy in args.strategies:
-        for rep in range(args.repeats if strategy == "random" else 1):
+    if summary and (summary.get("settings") != cfg.as_dict() or summary.get("pool_n") != len(pool)):
+        raise SystemExit(f"{out_json} holds rows of other settings or another pool: move it away")
+    summary.update(model=f"{model.card.name}@{model.card.version}", condition="skull-on T1", settings=cfg.as_dict(),
+                   pool_n=len(pool), data={k: str(getattr(args, k)) for k in ("pool", "heldout", "original", "replay")},
+                   n={"pool": len(pool), "heldout_lesion": sum(bool(s.m.any()) for s in held),
+                      "original_lesion": sum(bool(s.m.any()) for s in orig), "replay": len(replay),
+                      "check": len(check)},
+                   command=" ".join(sys.argv))
+    summary.setdefault("rows", [])
+
+    def save() -> None:
+        tmp = out_json.with_suffix(".tmp")
+        tmp.write_text(json.dumps(summary, indent=1))
+        tmp.replace(out_json)
+
+    if "base" not in summary:
+        summary["base"] = {"heldout": lesion_dice(model, None, held), "original": lesion_dice(model, None, orig)}
+        save()
+        print(f"base model: {summary['base']}", flush=True)
+    base = summary["base"]
+    if "pool_scores" not in summary and "least_sure" in args.strategies and max(args.budgets) >= 2:
+        t = time.time()
+        summary["pool_scores"] = {s.key: asdict(score_study(model, read_image(r["image"]), settings=settings))
+                                  for s, r in zip(pool, manifest(args.pool), strict=False)}
+        summary["scoring_seconds"] = round(time.time() - t, 1)
+        save()
+        print(f"scored the pool in {time.time() - t:.0f} s", flush=True)
+    scores = summary.get("pool_scores", {})
+    ranked = sorted(range(len(pool)), key=lambda i: (-scores.get(pool[i].key, {}).get("score", 0.0), pool[i].key))
+    done = {key_of(r) for r in summary["rows"]}
+    plan = [(s, rep) for s in args.strategies for rep in range(args.repeats if s == "random" else 1)]
+    for budget in args.budgets:  # budget-major: every strategy has its 5-label row before any 20-label row
+        for strategy, rep in plan:
+            rec = {"strategy": strategy, "repeat": rep, "labels": budget}
+            if key_of(rec) in done:
+                continue
             order = ranked if strategy == "least_sure" else np.random.default_rng(rep).permutation(len(pool)).tolist()
-            for budget in args.budgets:
-                rec = {"condition": args.condition, "strategy": strategy, "repeat": rep, "labels": budget,
-                       "published": False, "val_before": None, "val_after": None, "seconds": 0.0}
-                state = None
-                if budget >= 2:
-                    picked = [pool[i] for i in order[:budget]]
-                    cfg = FinetuneSettings(parts=args.parts, lr=args.lr, max_epochs=args.max_epochs, seed=rep)
-                    t = time.time()
-                    out = finetune(model, picked, cfg)
-                    rec.update(published=out.better, val_before=round(out.before, 4), val_after=round(out.after, 4),
-                               scheme=out.scheme, seconds=round(time.time() - t, 1))
-                    state = out.state  # None when the guard kept the base model
-                rec["heldout_dice"] = round(base["heldout"] if state is None else lesion_dice(model, state, held), 4)
-                rec["original_dice"] = round(base["original"] if state is None else lesion_dice(model, state, orig), 4)
-                rows.append(rec)
-                print(json.dumps(rec), flush=True)
-
-    summary = {"condition": args.condition, "model": f"{model.card.name}@{model.card.version}",
-               "base": base, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-               "pool_scores": scores}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
-    with open(args.out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=sorted({k for r in rows for k in r}))
-        w.writeheader()
-        w.writerows(rows)
-    plot(rows, args.out / "active_learning.png", args.condition)
-    print(table(rows))
+            rec.update(published=False, reason="no labels", val_before=None, val_after=None, seconds=0.0)
+            state = candidate = None
+            if budget >= 2:
+                picked = [pool[i] for i in order[:budget]]
+                t = time.time()
+                out = finetune(model, picked, replace(cfg, seed=rep), replay=replay, replay_check=check)
+                rec.update(picked=[s.key for s in picked], published=out.better, reason=out.reason,
+                           val_before=round(out.before, 4), val_after=round(out.after, 4), scheme=out.scheme,
+                           final_epochs=out.final_epochs, check=out.original(), seconds=round(time.time() - t, 1))
+                state, candidate = out.state, out.candidate
+            rec["heldout_dice"] = round(base["heldout"] if state is None else lesion_dice(model, state, held), 4)
+            rec["original_dice"] = round(base["original"] if state is None else lesion_dice(model, state, orig), 4)
+            if candidate is not None:
+                rec["candidate_heldout_dice"] = round(lesion_dice(model, candidate, held), 4)
+                rec["candidate_original_dice"] = round(lesion_dice(model, candidate, orig), 4)
+            summary["rows"].append(rec)
+            save()
+            print(json.dumps({k: v for k, v in rec.items() if k != "picked"}), flush=True)
+    plot(summary["rows"], args.out / "active_learning.png", summary)
+    print(table(summary["rows"], summary))
     return 0
 
 
-def mean_by(rows: list[dict], key: str) -> dict[tuple[str, int], float]:
+def mean_by(rows: list[dict], key: str) -> dict[tuple[str, int], tuple[float, int]]:
     out: dict[tuple[str, int], list[float]] = {}
     for r in rows:
-        out.setdefault((r["strategy"], r["labels"]), []).append(r[key])
-    return {k: float(np.mean(v)) for k, v in out.items()}
+        if r.get(key) is not None:
+            out.setdefault((r["strategy"], r["labels"]), []).append(r[key])
+    return {k: (float(np.mean(v)), len(v)) for k, v in out.items()}
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], summary: dict) -> str:
     held, orig = mean_by(rows, "heldout_dice"), mean_by(rows, "original_dice")
-    lines = ["| strategy | labels | Dice, held-out (condition) | Dice, original condition |", "|---|---|---|---|"]
-    for (strategy, labels), v in sorted(held.items()):
-        lines.append(f"| {strategy} | {labels} | {v:.3f} | {orig[(strategy, labels)]:.3f} |")
+    cand_h, cand_o = mean_by(rows, "candidate_heldout_dice"), mean_by(rows, "candidate_original_dice")
+    pub: dict[tuple[str, int], list[bool]] = {}
+    for r in rows:
+        pub.setdefault((r["strategy"], r["labels"]), []).append(bool(r["published"]))
+    lines = ["| strategy | labels | runs | published | Dice, held-out skull-on T1 | Dice, original condition "
+             "| judged weights: skull-on / original |", "|---|---|---|---|---|---|---|"]
+    for (strategy, labels), (v, n) in sorted(held.items(), key=lambda t: (t[0][1], t[0][0])):
+        c = (f"{cand_h[(strategy, labels)][0]:.3f} / {cand_o[(strategy, labels)][0]:.3f}"
+             if (strategy, labels) in cand_h else "-")
+        lines.append(f"| {strategy} | {labels} | {n} | {sum(pub[(strategy, labels)])}/{n} | {v:.3f} | "
+                     f"{orig[(strategy, labels)][0]:.3f} | {c} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, condition: str) -> None:
+def plot(rows: list[dict], path: Path, summary: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), sharey=True)
-    for ax, key, title in ((axes[0], "heldout_dice", f"held-out, {condition}"),
-                           (axes[1], "original_dice", "held-out, original condition")):
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((axes[0], "heldout_dice", "held-out, skull-on T1 (weak)"),
+                           (axes[1], "original_dice", "held-out, skull-off T1 (original)")):
         means = mean_by(rows, key)
         for strategy in sorted({s for s, _ in means}):
-            pts = sorted((n, v) for (s, n), v in means.items() if s == strategy)
+            pts = sorted((n, v[0]) for (s, n), v in means.items() if s == strategy)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
-        ax.set_title(title)
+            for r in rows:  # every run, faint
+                if r["strategy"] == strategy and strategy == "random":
+                    ax.scatter([r["labels"]], [r[key]], s=8, alpha=0.35, color="tab:orange")
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("corrected labels")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("lesion Dice (segmentation head)")
-    axes[0].legend()
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{summary.get('model', '')}: fine-tune on corrected labels with rehearsal", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
