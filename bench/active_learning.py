@@ -231,6 +231,9 @@ def plot(rows: list[dict], path: Path, summary: dict) -> None:
             for r in rows:  # every run, faint
                 if r["strategy"] == strategy and strategy == "random":
                     ax.scatter([r["labels"]], [r[key]], s=8, alpha=0.35, color="tab:orange")
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:  # a scale of Dice, not of the spread: a change of 0.001 must not look like a fall
+            ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("corrected labels")
         ax.grid(alpha=0.3)
