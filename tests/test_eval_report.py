@@ -125,3 +125,28 @@ def test_xai_evaluate_and_sanity_commands_on_a_tiny_model(tmp_path, monkeypatch)
         rows = list(csv.DictReader(f))
     assert [r["study_id"] for r in rows] == ["s0", "s1"]
     assert (tmp_path / "batch" / "s1" / "gradcam" / "saliency.nii.gz").is_file()
+
+
+def test_curves_of_studies_with_different_cube_counts_are_plotted(tmp_path):
+    """Studies differ in their number of cubes, so on the log schedule their curves have different points
+    (and, for small brains, fewer of them): the figure interpolates them onto one grid."""
+    from xai_core.eval_report import _on_grid, plot_curves
+    from xai_core.faithfulness import step_counts
+
+    curves = []
+    for sid, n in (("a", 300), ("b", 40)):
+        counts = step_counts(n, 20, "log")
+        fr = [c / n for c in counts]
+        for order in ("morf", "lerf"):
+            # MoRF falls after the first 2 % of cubes; LeRF only when the last 2 % go.
+            scores = [1.0 if (f < 0.02 if order == "morf" else f <= 0.98) else 0.0 for f in fr]
+            curves.append({"study_id": sid, "method": "m", "curve": f"deletion_{order}", "fractions": fr,
+                           "scores": scores})
+    assert len(curves[0]["fractions"]) != len(curves[2]["fractions"])
+    path = plot_curves(curves, tmp_path / "curves.png")
+    assert path.stat().st_size > 1000
+    grid = np.array([0.005, 0.5])
+    morf = _on_grid([c for c in curves if c["curve"] == "deletion_morf"], grid, lerf=False)
+    lerf = _on_grid([c for c in curves if c["curve"] == "deletion_lerf"], grid, lerf=True)
+    assert morf.shape == (2, 2) and (morf[:, 1] == 0).all() and morf[0, 0] == 1.0
+    assert (lerf[:, 1] == 1.0).all()  # half the cubes still in place: the evidence is not yet removed
