@@ -67,11 +67,14 @@ def _cmd_make_vqa(a: argparse.Namespace) -> int:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    a.minutes_set = a.minutes is not None
+    if a.model == "brain-vqa":  # the Med-VQA model (xai_core/train_vqa.py, docs/vqa.md)
+        return _train_vqa(a)
     if a.model == "mae-3d":  # MedLIME's generative in-filler (xai_core/mae.py, docs/medlime.md)
         from .mae import train_mae
 
         cmd = " ".join(["xai", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xai") else ""
-        path = train_mae(a.data, a.out, val=a.val, minutes=a.minutes, seed=a.seed,
+        path = train_mae(a.data, a.out, val=a.val, minutes=a.minutes if a.minutes is not None else 12.0, seed=a.seed,
                          lr=a.lr if a.lr is not None else 1e-3, version=a.version, command=cmd,
                          init=a.init)
         print(f"wrote {path} and its card {path.with_name(path.stem + '.card.json')}")
@@ -81,6 +84,26 @@ def _cmd_train(a: argparse.Namespace) -> int:
     train(a.model, Path(a.data), val_dir=Path(a.val) if a.val else None, out_dir=Path(a.out),
           epochs=a.epochs, seed=a.seed, resume=a.resume, lr=a.lr if a.lr is not None else 3e-3,
           init=Path(a.init) if a.init else None, version=a.version)
+    return 0
+
+
+def _train_vqa(a: argparse.Namespace) -> int:
+    from .train_vqa import VQATrainSettings, train_brain_vqa
+
+    cfg = VQATrainSettings(seed=a.seed, **({"lr": a.lr} if a.lr is not None else {}))
+    if a.minutes_set:  # scale the three stage budgets to the total asked for
+        total = cfg.mlm_minutes + cfg.clip_minutes + cfg.vqa_minutes
+        k = a.minutes / total
+        cfg.mlm_minutes, cfg.clip_minutes, cfg.vqa_minutes = (cfg.mlm_minutes * k, cfg.clip_minutes * k,
+                                                              cfg.vqa_minutes * k)
+    for d in (a.vision_model, a.text_model):
+        if d is not None and not Path(d).is_dir():
+            print(f"xai train: checkpoint folder {d} does not exist", file=sys.stderr)
+            return 2
+    cmd = " ".join(["xai", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("xai") else ""
+    path = train_brain_vqa(a.data, a.out, cfg, version=a.version, resume=a.resume, vision_dir=a.vision_model,
+                           text_dir=a.text_model, weights_dir=a.weights_out, command=cmd)
+    print(f"wrote {path}")
     return 0
 
 
@@ -371,7 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "mae-3d: 1e-3)")
     tr.add_argument("--init", default=None, help="start from these weights (.pt of an earlier run)")
     tr.add_argument("--version", default="1.0.0", help="model version written into the card")
-    tr.add_argument("--minutes", type=float, default=12.0, help="mae-3d only: wall-time budget of the training")
+    tr.add_argument("--minutes", type=float, default=None,
+                    help="wall-time budget: mae-3d (default 12), brain-vqa (all stages; default 47)")
+    tr.add_argument("--vision-model", default=None, help="brain-vqa: a local CLIP vision checkpoint folder "
+                                                         "(PubMedCLIP layout) instead of CLIP pretraining")
+    tr.add_argument("--text-model", default=None, help="brain-vqa: a local BERT checkpoint folder (BioLinkBERT "
+                                                       "layout) instead of the project's tokenizer and MLM")
+    tr.add_argument("--weights-out", default=None, help="brain-vqa: where the card, weights and tokenizer go "
+                                                        "(default --out)")
     tr.set_defaults(func=_cmd_train)
 
     me = sub.add_parser("model-eval", help="accuracy and segmentation Dice of a model on studies")

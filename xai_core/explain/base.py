@@ -126,6 +126,8 @@ class Attribution:
     layer_raw: ``(B, T, K, *s)`` signed attribution at the layer's own resolution (layer methods).
     delta:     ``(B, T)`` convergence delta of path methods: sum of attributions minus the output
                difference between input and baseline (0 for an exact integral).
+    aux_raw:   layer name -> ``(B, T, *layer_output_shape[1:])`` signed attribution at further layers
+               integrated along the same path (a VQA model's question embedding: one row per token).
     extras:    method-specific diagnostics (JSON-ready values).
     """
 
@@ -139,6 +141,7 @@ class Attribution:
     layer_raw: torch.Tensor | None = None
     delta: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    aux_raw: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def select_output(output: Any, output_index: int | str = 0) -> torch.Tensor:

@@ -219,6 +219,12 @@ def _describe(baseline: Baseline) -> Any:
     return float(baseline)
 
 
+def _rows_of(args: tuple[Any, ...], b: int) -> tuple[Any, ...]:
+    """``args`` with one-row tensors expanded to ``b`` rows (a shared baseline argument)."""
+    return tuple(a.expand(b, *a.shape[1:]) if isinstance(a, torch.Tensor) and a.ndim and a.shape[0] == 1 and b > 1
+                 else a for a in args)
+
+
 class _StopForward(Exception):
     """Raised by a forward hook to end a forward at the layer (the rest is not needed)."""
 
@@ -243,10 +249,20 @@ class LayerIntegratedGradients(Explainer):
         ``BrainLesionNet``'s sequential stages.
     internal_batch_size: rows (steps x batch items) per forward+backward of the rest of the network.
 
+    also: further layers (modules or dotted names) whose outputs are integrated along the same path,
+        from their output on the baseline to their output on the input (captum's
+        ``LayerIntegratedGradients`` with a list of layers). A VQA model's question-embedding layer
+        goes here: its attribution (``aux_raw[name]``, ``(B, T, *layer_shape)``) gives one score per
+        token, while the noise of a tunnel stays on input 0 (the image). Each must run once per
+        forward; not with ``forward_from``.
+    baseline_args: ``(*additional_forward_args) -> baseline additional_forward_args``: the extra
+        arguments of the baseline forward (a VQA question's reference ids: ``[CLS] [PAD]... [SEP]``,
+        the baseline of captum's BERT tutorial). Default: the same arguments.
+
     ``layer_raw`` is ``(B, T, K, *s)`` in logit units; ``raw[0]`` its channel sum, upsampled
     (trilinear, ``align_corners=False``) to input 0's grid, ``(B, T, 1, *spatial)`` (a per-voxel
     density: values are not rescaled, so the sum is not preserved across resolutions);
-    ``delta`` ``(B, T)`` = ``sum(layer_raw) - (F(x) - F(baseline))``.
+    ``delta`` ``(B, T)`` = ``sum(layer_raw) + sum(aux_raw) - (F(x) - F(baseline))``.
     """
 
     title = "Layer Integrated Gradients (Sundararajan et al. 2017, at a layer)"
@@ -256,12 +272,17 @@ class LayerIntegratedGradients(Explainer):
 
     def __init__(self, model: nn.Module, *, layer: LayerSpec = None, baseline: Baseline = 0.0, n_steps: int = 32,
                  method: str = "gausslegendre", internal_batch_size: int | None = 8,
-                 forward_from: Callable[..., Any] | None = None, output_index: int | str = 0):
+                 forward_from: Callable[..., Any] | None = None, output_index: int | str = 0,
+                 also: Sequence[LayerSpec] = (), baseline_args: Callable[..., tuple[Any, ...]] | None = None):
         super().__init__(require_module(model, type(self).__name__), output_index=output_index)
         name = layer_name_for(model, layer)
         if name is None:
             raise ValueError("no layer given and the model declares no default_cam_layer: pass layer=")
         self.layer_name: str = name
+        self.also: tuple[str, ...] = tuple(str(layer_name_for(model, a)) for a in also)
+        if self.also and forward_from is not None:
+            raise ValueError("also= needs the whole forward (hooks): it cannot be combined with forward_from")
+        self.baseline_args = baseline_args
         self.alphas, self.weights = quadrature(method, n_steps)
         self.baseline, self.n_steps, self.method = baseline, n_steps, method
         self.internal_batch_size = internal_batch_size
@@ -273,10 +294,11 @@ class LayerIntegratedGradients(Explainer):
         return self.model.get_submodule(self.layer_name)
 
     def _prefix(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...],
-                full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's output ``(B, K, *s)`` for ``inputs`` (no autograd) and, with ``full``, the class
-        logits of the same forward; without ``full`` the forward stops at the layer. Runs in chunks of
-        ``internal_batch_size`` rows: under a noise tunnel ``B`` counts every copy."""
+                full: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The outputs of the layer and of the ``also`` layers, ``[(B, K, *s), ...]`` (no autograd),
+        for ``inputs`` and, with ``full``, the class logits of the same forward; without ``full`` the
+        forward stops once every layer has run. Runs in chunks of ``internal_batch_size`` rows: under a
+        noise tunnel ``B`` counts every copy."""
         b, ibs = inputs[0].shape[0], self.internal_batch_size
         if ibs is None or b <= ibs:
             return self._prefix_rows(inputs, args, full)
@@ -287,19 +309,22 @@ class LayerIntegratedGradients(Explainer):
                 tuple(t[rows] for t in inputs),
                 tuple(v[rows] if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == b else v for v in args),
                 full))
-        acts = torch.cat([p[0] for p in parts])
+        acts = [torch.cat([p[0][i] for p in parts]) for i in range(len(parts[0][0]))]
         return acts, (torch.cat([p[1] for p in parts]) if full else None)  # type: ignore[misc]
 
     def _prefix_rows(self, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...],
-                     full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                     full: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        names = (self.layer_name, *self.also)
         store: dict[str, Any] = {}
 
-        def hook(_m: nn.Module, _a: Any, out: Any) -> None:
-            store["out"] = out
-            if not full:
-                raise _StopForward
+        def hook_for(name: str):
+            def hook(_m: nn.Module, _a: Any, out: Any) -> None:
+                store[name] = out
+                if not full and len(store) == len(names):
+                    raise _StopForward
+            return hook
 
-        handle = self._layer().register_forward_hook(hook)
+        handles = [self.model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
         try:
             with torch.no_grad():
                 try:
@@ -307,35 +332,47 @@ class LayerIntegratedGradients(Explainer):
                 except _StopForward:
                     logits = None
         finally:
-            handle.remove()
-        if "out" not in store:
-            raise RuntimeError(f"layer {self.layer_name!r} did not run in the forward pass")
-        acts = store["out"]
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in store]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]!r} did not run in the forward pass")
+        acts = store[self.layer_name]
         if not isinstance(acts, torch.Tensor) or acts.ndim != inputs[0].ndim:
             got = tuple(acts.shape) if isinstance(acts, torch.Tensor) else type(acts).__name__
             raise ValueError(f"layer {self.layer_name!r} must output a (B, K, *spatial) tensor with "
                              f"{inputs[0].ndim - 2} spatial dims, got {got}")
-        return acts.detach(), logits
+        for n in self.also:
+            if not isinstance(store[n], torch.Tensor) or not store[n].is_floating_point():
+                raise ValueError(f"layer {n!r} must output one floating-point tensor")
+        return [store[n].detach() for n in names], logits
 
-    def _suffix(self, h: torch.Tensor, inputs: tuple[torch.Tensor, ...], args: tuple[Any, ...]) -> torch.Tensor:
-        """Class logits ``(R, N)`` with the layer's output set to ``h`` ``(R, K, *s)``; ``inputs`` and
-        ``args`` already have ``R`` rows (only used without ``forward_from``)."""
+    def _suffix(self, hs: list[torch.Tensor], inputs: tuple[torch.Tensor, ...],
+                args: tuple[Any, ...]) -> torch.Tensor:
+        """Class logits ``(R, N)`` with the layers' outputs set to ``hs`` (the layer's ``(R, K, *s)``
+        first, then the ``also`` layers'); ``inputs`` and ``args`` already have ``R`` rows (only used
+        without ``forward_from``)."""
         if self.forward_from is not None:
-            return class_logits(self.forward_from(h, *args), self.output_index)
+            return class_logits(self.forward_from(hs[0], *args), self.output_index)
         grad_mode = torch.is_grad_enabled()
 
-        def replace(_m: nn.Module, _a: Any, _out: Any) -> torch.Tensor:
-            # The layers before this one ran without autograd (nothing to differentiate there);
-            # from here on the graph is recorded, back to h only.
-            torch.set_grad_enabled(grad_mode)
-            return h
+        def replace_with(h: torch.Tensor):
+            def replace(_m: nn.Module, _a: Any, _out: Any) -> torch.Tensor:
+                # The layers before this one ran without autograd (nothing to differentiate there);
+                # from here on the graph is recorded, back to h only.
+                torch.set_grad_enabled(grad_mode)
+                return h
+            return replace
 
-        handle = self._layer().register_forward_hook(replace)
+        names = (self.layer_name, *self.also)
+        handles = [self.model.get_submodule(n).register_forward_hook(replace_with(h))
+                   for n, h in zip(names, hs, strict=True)]
         try:
             with torch.no_grad():
                 out = self.forward_func(*inputs, *args)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
             torch.set_grad_enabled(grad_mode)
         return class_logits(out, self.output_index)
 
@@ -346,44 +383,52 @@ class LayerIntegratedGradients(Explainer):
         _check_floating(inputs[:1], type(self).__name__)
         x = tuple(t.detach() for t in inputs)
         b = x[0].shape[0]
+        bargs = _rows_of(self.baseline_args(*args), b) if self.baseline_args is not None else args
         with eval_mode(self.model):
             acts, logits = self._prefix(x, args, full=self.forward_from is None)
             base = _baselines(self.baseline, x)
             # A baseline shared by every item (a constant, the default) needs the layers before the
             # attributed one once, on one row, unless the extra args carry per-item tensors.
-            shared = all(t.shape[0] == 1 for t in base) and not any(isinstance(a, torch.Tensor) for a in args)
+            shared = all(t.shape[0] == 1 for t in base) and not any(isinstance(a, torch.Tensor) for a in bargs)
             base = base if shared else tuple(t.expand_as(xi) for t, xi in zip(base, x, strict=True))
-            base_acts, base_logits = self._prefix(base, args, full=self.forward_from is None)
+            base_acts, base_logits = self._prefix(base, bargs, full=self.forward_from is None)
             with torch.no_grad():
                 if self.forward_from is not None:
                     logits = self._suffix(acts, x, args)
-                    base_logits = self._suffix(base_acts, base, args)
+                    base_logits = self._suffix(base_acts, base, bargs)
             targets = resolve_targets(target, logits)
             n_t = targets.shape[1]
-            diff = acts - base_acts  # (B, K, *s)
-            total = torch.zeros((n_t, *acts.shape), dtype=torch.float32, device=acts.device)
+            diffs = [a - ba for a, ba in zip(acts, base_acts, strict=True)]  # (B, K, *s) each
+            totals = [torch.zeros((n_t, *a.shape), dtype=torch.float32, device=a.device) for a in acts]
             with torch.enable_grad():
                 for start, end in _chunks(self.n_steps, b, self.internal_batch_size):
                     s = end - start
-                    alpha = torch.tensor(self.alphas[start:end], dtype=acts.dtype, device=acts.device)
-                    w = torch.tensor(self.weights[start:end], dtype=torch.float32, device=acts.device)
-                    h = (base_acts[None] + alpha.view(s, *[1] * acts.ndim) * diff[None]).reshape(s * b, *acts.shape[1:])
-                    h.requires_grad_()
+                    hs = []
+                    for a, ba, d in zip(acts, base_acts, diffs, strict=True):
+                        alpha = torch.tensor(self.alphas[start:end], dtype=a.dtype, device=a.device)
+                        h = (ba[None] + alpha.view(s, *[1] * a.ndim) * d[None]).reshape(s * b, *a.shape[1:])
+                        hs.append(h.requires_grad_())
+                    w = torch.tensor(self.weights[start:end], dtype=torch.float32, device=acts[0].device)
                     rows = () if self.forward_from is not None else tuple(
                         xi.repeat(s, *[1] * (xi.ndim - 1)) for xi in x)
-                    scores = _scores(self._suffix(h, rows, _repeat_steps(args, s)), targets.repeat(s, 1))
+                    scores = _scores(self._suffix(hs, rows, _repeat_steps(args, s)), targets.repeat(s, 1))
                     for t in range(n_t):
-                        (g,) = torch.autograd.grad(scores[:, t].sum(), h, retain_graph=t < n_t - 1, allow_unused=True)
-                        if g is None:
+                        grads = torch.autograd.grad(scores[:, t].sum(), hs, retain_graph=t < n_t - 1,
+                                                    allow_unused=True)
+                        if grads[0] is None:
                             raise ValueError(f"the class logits do not depend on layer {self.layer_name!r}")
-                        total[t] += (g.float().view(s, b, *g.shape[1:]) * w.view(s, *[1] * g.ndim)).sum(0)
-                    del scores, h
+                        for tot, g in zip(totals, grads, strict=True):
+                            if g is not None:
+                                tot[t] += (g.float().view(s, b, *g.shape[1:]) * w.view(s, *[1] * g.ndim)).sum(0)
+                    del scores, hs
                     tick(end / self.n_steps)
-        layer_raw = diff.float()[:, None] * total.transpose(0, 1)  # (B, T, K, *s)
+        layer_raws = [d.float()[:, None] * tot.transpose(0, 1) for d, tot in zip(diffs, totals, strict=True)]
+        layer_raw = layer_raws[0]  # (B, T, K, *s)
         change = _scores(logits, targets) - _scores(base_logits.expand_as(logits), targets)
-        delta = layer_raw.flatten(2).sum(-1) - change.float()
+        delta = sum(r.flatten(2).sum(-1) for r in layer_raws) - change.float()
         raw = upsample(layer_raw.sum(2), x[0].shape[2:])[:, :, None]
         return self.finish((raw,), targets, logits, layer=self.layer_name, layer_raw=layer_raw, delta=delta,
+                           aux_raw=dict(zip(self.also, layer_raws[1:], strict=True)),
                            extras={"n_steps": self.n_steps, "method": self.method,
                                    "baseline": _describe(self.baseline)})
 
@@ -407,7 +452,9 @@ class RELIG(NoiseTunnel):
     display: ``absolute`` (AUPRC 0.73 against 0.71 for ``positive`` at ``down1``; same Dice).
     n_samples, stdev_fraction, seed, nt_type, samples_batch_size: the noise tunnel's; sigma is
         ``stdev_fraction`` of each input's intensity range (max - min) per item.
-    n_steps, method, baseline, internal_batch_size, forward_from: the layer integral's.
+    n_steps, method, baseline, internal_batch_size, forward_from, also, baseline_args: the layer
+        integral's (a VQA model attributes its question embedding with ``also``; the noise stays on
+        the image, never on token ids).
 
     Equals captum's ``NoiseTunnel(LayerIntegratedGradients(model, layer)).attribute(x,
     nt_samples=n_samples, nt_samples_batch_size=1, stdevs=sigma, n_steps=n_steps)`` with
@@ -426,10 +473,11 @@ class RELIG(NoiseTunnel):
                  stdev_fraction: float = 0.1, seed: int = 0, n_steps: int = 16, method: str = "gausslegendre",
                  baseline: Baseline = 0.0, internal_batch_size: int | None = 8,
                  samples_batch_size: int | None = None, nt_type: NoiseType = "smoothgrad",
-                 forward_from: Callable[..., Any] | None = None, output_index: int | str = 0):
+                 forward_from: Callable[..., Any] | None = None, output_index: int | str = 0,
+                 also: Sequence[LayerSpec] = (), baseline_args: Callable[..., tuple[Any, ...]] | None = None):
         lig = LayerIntegratedGradients(model, layer=layer, baseline=baseline, n_steps=n_steps, method=method,
                                        internal_batch_size=internal_batch_size, forward_from=forward_from,
-                                       output_index=output_index)
+                                       output_index=output_index, also=also, baseline_args=baseline_args)
         super().__init__(lig, n_samples=n_samples, stdev_fraction=stdev_fraction, seed=seed, nt_type=nt_type,
                          samples_batch_size=samples_batch_size)
 

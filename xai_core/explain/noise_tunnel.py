@@ -3,7 +3,7 @@
 ``NoiseTunnel(explainer, n_samples=8, stdev_fraction=0.1, seed=0)`` adds Gaussian noise to input 0
 (the image) ``n_samples`` times and combines the inner explainer's raw attributions:
 
-* ``smoothgrad``: their mean (``raw``, ``layer_raw`` and ``delta`` are means over the copies);
+* ``smoothgrad``: their mean (``raw``, ``layer_raw``, ``aux_raw`` and ``delta`` are means over the copies);
 * ``smoothgrad_sq``: the mean of their squares; ``vargrad``: their variance (no delta for either).
 
 Noise: sigma is ``stdev_fraction`` times input 0's intensity range (max - min over the item's
@@ -152,6 +152,7 @@ class NoiseTunnel(Explainer):
         squares = self.nt_type != "smoothgrad"
         raw_sums: list[_Sums] = []
         layer_sums, delta_sums = _Sums(), _Sums()
+        aux_sums: dict[str, _Sums] = {}
         delta_abs_max: torch.Tensor | None = None
         first: Attribution | None = None
         done = 0
@@ -176,6 +177,8 @@ class NoiseTunnel(Explainer):
                 acc.add(r, b, m, squares)
             if att.layer_raw is not None:
                 layer_sums.add(att.layer_raw, b, m, squares)
+            for name, value in att.aux_raw.items():
+                aux_sums.setdefault(name, _Sums()).add(value, b, m, squares)
             if att.delta is not None and not squares:
                 delta_sums.add(att.delta, b, m, False)
                 worst = att.delta.abs().view(b, m, -1).amax(1)
@@ -193,7 +196,8 @@ class NoiseTunnel(Explainer):
                            else None,
                            delta=delta_sums.combine(self.n_samples, "smoothgrad") if delta_sums.s is not None
                            else None,
-                           extras=extras)
+                           extras=extras,
+                           aux_raw={k: v.combine(self.n_samples, self.nt_type) for k, v in aux_sums.items()})
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.explainer!r}, n_samples={self.n_samples}, "

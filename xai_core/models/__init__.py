@@ -7,6 +7,8 @@
 * ``volume-classifier``: :class:`LesionModel`, a 3-D classifier with a segmentation head that
   predicts on an :class:`~xai_core.io.Image` of any geometry: it resamples to the model grid
   (:mod:`xai_core.models.grid`), runs the network, and maps the outputs back onto the input grid.
+* ``vqa``: :class:`~xai_core.models.vqa.VQAModel` (``brain-vqa``), a question about a slice of a
+  volume in patient coordinates; its tokenizer is ``<name>.tokenizer.json`` beside the card.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from ..settings import Settings, resolve_device
 from .adapter import ModelAdapter, ModelInput
 from .brain_lesion_net import BrainLesionNet, ClassLogits
 from .grid import ModelGrid, normalise_intensity, to_tensor
+from .vqa import VQAModel, VQAPrediction
 
 __all__ = ["ModelCard", "ModelAdapter", "LesionModel", "ModelInput", "Prediction", "load", "available_models",
-           "build_network", "ADAPTERS", "load_card_file"]
+           "build_network", "ADAPTERS", "load_card_file", "VQAModel", "VQAPrediction"]
 
 ARCHITECTURES = {"BrainLesionNet": BrainLesionNet}
 
@@ -56,6 +59,10 @@ class ModelCard(BaseModel):
 
 
 def build_network(card: ModelCard) -> torch.nn.Module:
+    if card.architecture == "BrainVQANet":  # imported on use: transformers is slow to import
+        from .brain_vqa import BrainVQANet
+
+        return BrainVQANet(**card.arch_kwargs)
     return ARCHITECTURES[card.architecture](**card.arch_kwargs)
 
 
@@ -135,7 +142,7 @@ class LesionModel(ModelAdapter):
 
 
 # Adapter class per card kind.
-ADAPTERS: dict[str, type[ModelAdapter]] = {LesionModel.kind: LesionModel}
+ADAPTERS: dict[str, type[ModelAdapter]] = {LesionModel.kind: LesionModel, VQAModel.kind: VQAModel}
 
 
 def _weights_dirs(weights_dir: Path | None, settings: Settings | None) -> list[Path]:
@@ -185,4 +192,4 @@ def load_card_file(card_path: Path, device: str | torch.device | None = None,
     state = torch.load(weights or card_path.with_suffix(".pt"), map_location="cpu", weights_only=True)
     net.load_state_dict({k: v.float() for k, v in state.items()})
     dev = resolve_device(str(device) if device is not None else (settings or Settings()).device)
-    return adapter(card, net, dev)
+    return adapter.from_files(card, net, dev, card_path)

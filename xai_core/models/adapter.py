@@ -72,6 +72,12 @@ class ModelAdapter(ABC):
         self.device = device
         self._ood_guard: Any = None
 
+    @classmethod
+    def from_files(cls, card: Any, net: nn.Module, device: torch.device, card_path: Any) -> ModelAdapter:
+        """The adapter of a card read from ``card_path`` (kinds with files beside the weights, such as
+        a tokenizer, read them here)."""
+        return cls(card, net, device)
+
     @property
     def classes(self) -> list[str]:
         return list(self.card.classes)
