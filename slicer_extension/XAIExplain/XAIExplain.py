@@ -6,6 +6,7 @@ provenance. Network work runs on worker threads (``XAIExplainLib.jobs``) polled 
 scene and HTTP logic live in ``XAIExplainLib`` (no Qt), which the tests run without Slicer.
 """
 
+import html
 import logging
 import shutil
 import tempfile
@@ -23,14 +24,20 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 from XAIExplainLib import __version__, report
-from XAIExplainLib.client import VQA_TASK, XAIClient, XAIClientError
+from XAIExplainLib.client import VQA_METHODS, VQA_TASK, XAIClient, XAIClientError, vqa_params
 from XAIExplainLib.jobs import BackgroundCall, ExplanationRun, upload_image
-from XAIExplainLib.scene import XAIScene
-from XAIExplainLib.schema import server_schema_problems
+from XAIExplainLib.scene import ObliqueSliceError, XAIScene, find_slice_node, slice_position
+from XAIExplainLib.schema import ReplyError, server_schema_problems
 
 SETTINGS_URL_KEY = "XAIExplain/serverUrl"
 #: Parameter node key: ask for findings and report (``"true"``/``"false"``; default true).
 REPORT_PARAMETER = "Report"
+#: Parameter node key: how the server explains an answer (one of ``VQA_METHODS``; default relig).
+VQA_METHOD_PARAMETER = "VqaMethod"
+#: The slice view a question is about. The Red view is the one users scroll through by default.
+QUESTION_VIEW = "Red"
+VQA_METHOD_LABELS = {"relig": "RE-LIG (image and question)", "ig": "Integrated gradients (image only)",
+                     "none": "None (answer only)"}
 EDITOR_NODE_TAG = "XAIExplainSegmentEditor"
 POLL_MS = 150
 
@@ -128,9 +135,17 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
 
     # parameters
     def setDefaultParameters(self, parameterNode):
-        """Findings and report are on unless the user turned them off (this scene remembers it)."""
+        """Findings and report are on unless the user turned them off (this scene remembers it); answers
+        are explained with RE-LIG unless the user chose another method."""
         if not parameterNode.GetParameter(REPORT_PARAMETER):
             parameterNode.SetParameter(REPORT_PARAMETER, "true")
+        if parameterNode.GetParameter(VQA_METHOD_PARAMETER) not in VQA_METHODS:
+            parameterNode.SetParameter(VQA_METHOD_PARAMETER, VQA_METHODS[0])
+
+    @staticmethod
+    def vqaMethod(parameterNode):
+        method = parameterNode.GetParameter(VQA_METHOD_PARAMETER) if parameterNode is not None else ""
+        return method if method in VQA_METHODS else VQA_METHODS[0]
 
     @staticmethod
     def reportRequested(parameterNode):
@@ -141,6 +156,35 @@ class XAIExplainLogic(ScriptedLoadableModuleLogic):
         """Task parameters of an explanation: ``report`` asks the server for ``findings`` and ``report``
         (anatomy names for the segments, the findings table, the counterfactual and the drafted text)."""
         return {"target": target or "predicted", "report": bool(report)}
+
+    # questions
+    def questionSliceNode(self):
+        """The slice node of the view questions are about (Red); None in a scene without views."""
+        return find_slice_node(slicer.mrmlScene, QUESTION_VIEW)
+
+    def questionSlice(self):
+        """``(slice node, its SliceToRAS copy, SlicePosition)`` of the Red view, read on the GUI thread.
+
+        Raises ObliqueSliceError (a reformatted Red view, or none at all) with a message for the user."""
+        node = self.questionSliceNode()
+        if node is None:
+            raise ObliqueSliceError(f"there is no {QUESTION_VIEW} slice view to ask about")
+        matrix = vtk.vtkMatrix4x4()
+        matrix.DeepCopy(node.GetSliceToRAS())
+        return node, matrix, slice_position(matrix, view=QUESTION_VIEW)
+
+    @staticmethod
+    def questionParams(question, position, method):
+        """The ``vqa`` task's parameters for ``question`` about the slice at ``position``."""
+        return vqa_params(question, position.plane, position.slice_mm, method)
+
+    def showAnswerHeatmap(self, state, volumeNode, opacity, threshold, name):
+        """The answer's heatmap in the Red view (None when the reply has none: method ``none``)."""
+        path = state.files.get("saliency")
+        if path is None:
+            return None
+        return self.xscene.import_answer_heatmap(path, volumeNode, name, view=QUESTION_VIEW, opacity=opacity,
+                                                 threshold=threshold)
 
     # explanation
     def startRun(self, volumeNode, task, params, artifacts=None):
@@ -189,7 +233,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.runVolume = None
         self.calls = []  # [(BackgroundCall, on_done)]
         self.nodes = None  # ExplanationNodes of the explanation shown
-        self.overlayNodes = None  # ExplanationNodes of the last answer's RE-LIG map
+        self.overlayNodes = None  # ExplanationNodes of the last answer's heatmap
+        self.askedSlice = None  # (slice node, SliceToRAS when asked, SlicePosition) of the question in flight
         self.lastResult = None
         self.lastTask = None
         self.lastImageId = None
@@ -217,6 +262,10 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.reportCheckBox.connect("toggled(bool)", self.onReportToggled)
         self.ui.opacitySliderWidget.connect("valueChanged(double)", self.onOpacityChanged)
         self.ui.thresholdSliderWidget.connect("valueChanged(double)", self.onThresholdChanged)
+        for method in VQA_METHODS:
+            self.ui.vqaMethodComboBox.addItem(VQA_METHOD_LABELS.get(method, method), method)
+        self.ui.vqaMethodComboBox.connect("currentIndexChanged(int)", self.onVqaMethodChanged)
+        self.ui.questionLineEdit.connect("returnPressed()", self.onAsk)
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateButtons)
 
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
@@ -247,10 +296,19 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         wasBlocked = self.ui.reportCheckBox.blockSignals(True)
         self.ui.reportCheckBox.checked = self.logic.reportRequested(self.parameterNode)
         self.ui.reportCheckBox.blockSignals(wasBlocked)
+        wasBlocked = self.ui.vqaMethodComboBox.blockSignals(True)
+        self.ui.vqaMethodComboBox.currentIndex = max(
+            0, self.ui.vqaMethodComboBox.findData(self.logic.vqaMethod(self.parameterNode)))
+        self.ui.vqaMethodComboBox.blockSignals(wasBlocked)
 
     def onReportToggled(self, checked):
         if self.parameterNode is not None:
             self.parameterNode.SetParameter(REPORT_PARAMETER, "true" if checked else "false")
+
+    def onVqaMethodChanged(self, index):
+        method = self.ui.vqaMethodComboBox.itemData(index)
+        if self.parameterNode is not None and method in VQA_METHODS:
+            self.parameterNode.SetParameter(VQA_METHOD_PARAMETER, method)
 
     def cleanup(self):
         if self.run:
@@ -277,7 +335,7 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSceneStartClose(self, caller, event):
         if self.run:
             self.run.cancel()
-        self.nodes = self.overlayNodes = None
+        self.nodes = self.overlayNodes = self.askedSlice = None
 
     def onSceneEndClose(self, caller, event):
         # Closing the scene removed the parameter node: make (and observe) a fresh one.
@@ -373,7 +431,8 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.serverStatusLabel.text += (" Warning: this module cannot read every reply of this server ("
                                                + "; ".join(schemaProblems[:3]) + "): update the module.")
         if self.logic.hasVqa():
-            self.ui.vqaStatusLabel.text = "Ask a question about the selected volume."
+            self.ui.vqaStatusLabel.text = (f"Ask a question about the selected volume, on the slice shown in the "
+                                           f"{QUESTION_VIEW} view (axial, coronal or sagittal).")
         else:
             self.ui.vqaStatusLabel.text = "Question answering (vqa) is not available on this server."
 
@@ -393,15 +452,25 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onAsk(self):
         volume = self.ui.inputVolumeSelector.currentNode()
         question = self.ui.questionLineEdit.text.strip()
-        if volume is None:
+        if volume is None or self.busy():
             return
         if not question:
             self.ui.answerTextBrowser.setPlainText("Type a question first.")
             return
         if not self.logic.hasVqa():
-            self.ui.answerTextBrowser.setPlainText("Question answering (vqa) is not available on this server.")
+            self.ui.vqaStatusLabel.text = "Question answering (vqa) is not available on this server."
             return
-        self.startRun("vqa", volume, VQA_TASK, {"question": question}, artifacts=("saliency", "result"))
+        # The slice is read now, on the GUI thread: the answer is about what the user saw when asking.
+        try:
+            sliceNode, matrix, position = self.logic.questionSlice()
+            params = self.logic.questionParams(question, position, self.logic.vqaMethod(self.parameterNode))
+        except ValueError as e:  # ObliqueSliceError included: a clear word instead of a wrong answer
+            self.ui.vqaStatusLabel.text = f"Not asked: {e}"
+            return
+        self.ui.vqaStatusLabel.text = f"Asking about the {QUESTION_VIEW} view's {position.describe()} ..."
+        self.ui.answerTextBrowser.clear()
+        self.askedSlice = (sliceNode, matrix, position)
+        self.startRun("vqa", volume, VQA_TASK, params, artifacts=("saliency",))
 
     def startRun(self, kind, volume, task, params, artifacts=None):
         try:
@@ -427,6 +496,9 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             # already holds is reused, so this costs one request at most).
             self.logic.forgetUpload(self.runVolume)
             self.ui.statusLabel.text = "Cancelled." if state.status == "cancelled" else f"Failed: {state.error}"
+            if self.runKind == "vqa":
+                self.ui.vqaStatusLabel.text = ("Question cancelled." if state.status == "cancelled"
+                                               else f"No answer: {state.error}")
             return
         try:
             if self.runKind == "vqa":
@@ -461,12 +533,26 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def showAnswer(self, state):
         result = state.result or {}
-        self.ui.answerTextBrowser.setHtml(report.answer_html(result))
-        if "saliency" in state.files:
-            question = self.ui.questionLineEdit.text.strip()
-            self.overlayNodes = self.logic.showResult(
-                state, self.runVolume, self.ui.opacitySliderWidget.value, self.ui.thresholdSliderWidget.value,
-                name=f"XAI RE-LIG: {question[:40]}", files={"saliency": state.files["saliency"]})
+        try:
+            report.answer_check(result)
+        except ReplyError as e:
+            # What the server said still reaches the user; nothing goes into the scene.
+            self.ui.answerTextBrowser.setHtml(report.answer_html(result)
+                                              + f"<p style='color:#c0392b'>{html.escape(str(e))}</p>")
+            self.ui.vqaStatusLabel.text = "The answer could not be read completely (see below)."
+            return
+        self.ui.answerTextBrowser.setHtml(report.answer_summary_html(result))
+        sliceNode, matrix, position = self.askedSlice or (None, None, None)
+        self.askedSlice = None
+        heat = self.logic.showAnswerHeatmap(
+            state, self.runVolume, self.ui.opacitySliderWidget.value, self.ui.thresholdSliderWidget.value,
+            name=report.answer_title(result))
+        if heat is not None:
+            self.overlayNodes = heat
+            if sliceNode is not None:  # the user may have scrolled while the server worked
+                self.logic.xscene.set_slice_to_ras(sliceNode, matrix)
+        asked = f"the {QUESTION_VIEW} view's {position.describe()}" if position else "the slice asked about"
+        self.ui.vqaStatusLabel.text = f"Answered about {asked}: {report.answer_text(result)}."
 
     def showFindingsTable(self, result):
         columns, rows = report.findings_table(result)

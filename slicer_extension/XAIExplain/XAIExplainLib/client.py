@@ -36,9 +36,13 @@ __all__ = [
     "ServerUnreachableError",
     "TaskInfo",
     "TaskNotAvailableError",
+    "VQA_METHODS",
+    "VQA_PLANES",
+    "VQA_TASK",
     "XAIClient",
     "XAIClientError",
     "parse_multipart",
+    "vqa_params",
 ]
 
 #: (connect, read) seconds. The read timeout bounds one reply, not a whole job: long explanations go
@@ -48,6 +52,9 @@ DEFAULT_TIMEOUT: tuple[float, float] = (5.0, 120.0)
 #: Task types whose output the module shows as a saliency map (besides ``explanation``).
 SALIENCY_TASK_NAMES = ("saliency_mask",)
 VQA_TASK = "vqa"
+#: The ``vqa`` task's planes (patient planes, LPS) and explanation methods; ``relig`` is its default.
+VQA_PLANES = ("axial", "coronal", "sagittal")
+VQA_METHODS = ("relig", "ig", "none")
 _CHUNK = 1 << 16
 
 
@@ -584,6 +591,32 @@ def _reason(e: Exception) -> str:
         if m:
             return m.group(1).strip()
     return type(e).__name__
+
+
+def vqa_params(question: str, plane: str, slice_mm: float, method: str = "relig") -> dict[str, Any]:
+    """Parameters of the ``vqa`` task (``docs/http_api.md``): a question about one slice.
+
+    ``plane`` is a patient plane and ``slice_mm`` the slice's LPS coordinate along its axis (axial: S,
+    coronal: P, sagittal: L), as :func:`.scene.slice_position` reads them from a slice view. Checked
+    here so that a request that cannot be right never leaves Slicer (the server checks again, and is
+    the judge of a slice outside the volume); ValueError names the problem.
+    """
+    q = str(question or "").strip()
+    if not q:
+        raise ValueError("type a question first")
+    if plane not in VQA_PLANES:
+        raise ValueError(f"plane must be one of {', '.join(VQA_PLANES)}, got {plane!r}")
+    if method not in VQA_METHODS:
+        raise ValueError(f"method must be one of {', '.join(VQA_METHODS)}, got {method!r}")
+    try:
+        mm = float(slice_mm)
+    except (TypeError, ValueError):
+        raise ValueError(f"slice_mm must be a number (mm), got {slice_mm!r}") from None
+    if mm != mm or mm in (float("inf"), float("-inf")):
+        raise ValueError(f"slice_mm must be a finite number (mm), got {slice_mm!r}")
+    # 0.1 µm is far below any voxel; rounding keeps float noise from the view matrix (12.499999999)
+    # out of the request, the job record and the provenance.
+    return {"question": q, "plane": plane, "slice_mm": round(mm, 4) + 0.0, "method": method}
 
 
 def describe_job_error(error: Any) -> str:

@@ -33,12 +33,17 @@ from .report import check, explanation_title, level_segment_names, mask_segment_
 
 __all__ = [
     "HEAT_COLOR_NODE_NAME",
+    "PLANE_TOLERANCE_DEG",
     "ExplanationNodes",
+    "ObliqueSliceError",
+    "SlicePosition",
     "XAIScene",
+    "find_slice_node",
     "heat_rgb",
     "level_rgb",
     "lps_to_ras",
     "ras_from_lps_geometry",
+    "slice_position",
 ]
 
 HEAT_COLOR_NODE_NAME = "XAI Heat"
@@ -78,6 +83,97 @@ def ras_from_lps_geometry(spacing: Sequence[float], origin: Sequence[float],
     a[:3, :3] = np.asarray(direction, dtype=float).reshape(3, 3) * np.asarray(spacing, dtype=float)[None, :]
     a[:3, 3] = origin
     return lps_to_ras(a)
+
+
+# ----------------------------------------------------------------------------- slice views
+
+#: Largest tilt (degrees) between a slice view's normal and a patient axis for the view to count as
+#: that patient plane. 0.5 degrees moves the plane by under 0.9 mm at 100 mm from the view's centre,
+#: less than a voxel of the studies the model reads; a more tilted view is a reformat that no
+#: axial/coronal/sagittal slice reproduces, so it is refused rather than answered about another slice.
+PLANE_TOLERANCE_DEG = 0.5
+#: Patient plane held constant along each RAS axis: (plane, LPS axis name, RAS -> LPS sign). LPS is
+#: RAS with the first two axes negated, so L = -R, P = -A, S = S.
+_PLANE_OF_RAS_AXIS = (("sagittal", "L", -1.0), ("coronal", "P", -1.0), ("axial", "S", 1.0))
+
+
+class ObliqueSliceError(ValueError):
+    """A slice view that is not an axial, coronal or sagittal patient plane (a reformatted view)."""
+
+
+@dataclass(frozen=True)
+class SlicePosition:
+    """Where a slice view is, in the terms of the server's ``vqa`` task.
+
+    Attributes:
+        plane: ``axial``, ``coronal`` or ``sagittal`` (patient planes).
+        axis: the LPS axis the plane holds constant: ``S``, ``P`` or ``L``.
+        slice_mm: the plane's LPS coordinate along ``axis`` (mm), taken at the view's centre.
+        tilt_deg: angle between the view's normal and ``axis`` (at most :data:`PLANE_TOLERANCE_DEG`).
+    """
+
+    plane: str
+    axis: str
+    slice_mm: float
+    tilt_deg: float = 0.0
+
+    def describe(self) -> str:
+        """"axial slice at S = 12.5 mm"."""
+        return f"{self.plane} slice at {self.axis} = {self.slice_mm:.1f} mm"
+
+
+def _matrix(m: Any) -> np.ndarray:
+    """A 4 x 4 numpy array from a vtkMatrix4x4 or anything array-like."""
+    if isinstance(m, vtk.vtkMatrix4x4):
+        return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+    a = np.asarray(m, dtype=float)
+    if a.shape != (4, 4):
+        raise ValueError(f"expected a 4 x 4 matrix, got shape {a.shape}")
+    return a
+
+
+def slice_position(slice_node_or_matrix: Any, tolerance_deg: float = PLANE_TOLERANCE_DEG,
+                   view: str = "Red") -> SlicePosition:
+    """The patient plane and LPS position of a slice view (a ``vtkMRMLSliceNode``, or its SliceToRAS).
+
+    Read from the SliceToRAS matrix, not from the orientation preset's name or ``GetSliceOffset()``:
+    the offset is measured along the view's normal, whose sign depends on the preset (Slicer 5.12's
+    sagittal normal points to the patient's left, its coronal one anteriorly), and a view rotated by
+    hand keeps its preset name in older scenes. Column 2 of SliceToRAS is the normal and column 3
+    the view's centre in RAS; the plane's coordinate along the patient axis is read at that centre
+    and converted to LPS (axial: S = S; coronal: P = -A; sagittal: L = -R).
+
+    Raises:
+        ObliqueSliceError: the normal is more than ``tolerance_deg`` off every patient axis; the
+            message says how far, and how to get an axial, coronal or sagittal view back.
+    """
+    node = slice_node_or_matrix
+    m = _matrix(node.GetSliceToRAS() if hasattr(node, "GetSliceToRAS") else node)
+    normal = m[:3, 2]
+    length = float(np.linalg.norm(normal))
+    if not np.isfinite(length) or length < 1e-9:
+        raise ObliqueSliceError(f"the {view} view's orientation matrix is degenerate (no slice normal)")
+    n = normal / length
+    axis = int(np.argmax(np.abs(n)))
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(float(n[axis]))))))
+    plane, axis_name, sign = _PLANE_OF_RAS_AXIS[axis]
+    if tilt > tolerance_deg:
+        raise ObliqueSliceError(
+            f"the {view} view is oblique: its slice is tilted {tilt:.1f}° from the nearest patient plane "
+            f"({plane}). Questions are asked about axial, coronal or sagittal slices: set the {view} view's "
+            "orientation to Axial, Coronal or Sagittal (slice view menu) and ask again.")
+    position = sign * float(m[axis, 3])
+    return SlicePosition(plane, axis_name, position + 0.0, tilt)  # + 0.0: no "-0.0 mm" in the text
+
+
+def find_slice_node(scene: Any, layout_name: str = "Red") -> Any | None:
+    """The slice node of view ``layout_name`` (``Red``, ``Yellow``, ``Green``); None when the scene
+    has no such view (a headless scene without views)."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        if node.GetLayoutName() == layout_name:
+            return node
+    return None
 
 
 def _vtk_matrix(m: np.ndarray) -> vtk.vtkMatrix4x4:
@@ -254,16 +350,21 @@ class XAIScene:
         dn.SetLowerThreshold(float(threshold))
         dn.SetUpperThreshold(max(1.0, float(threshold)))
 
-    def composite_nodes(self) -> list[Any]:
+    def composite_nodes(self, views: Iterable[str] | None = None) -> list[Any]:
+        """The slice views' composite nodes (layers), all or those of the views named (``Red`` ...)."""
         n = self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
-        return [self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(n)]
+        nodes = [self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode") for i in range(n)]
+        if views is None:
+            return nodes
+        wanted = set(views)
+        return [c for c in nodes if c.GetLayoutName() in wanted]
 
     def show_heatmap(self, heat_node: Any, background: Any | None = None, opacity: float = 0.5,
-                     threshold: float = 0.2) -> None:
-        """Heatmap as the foreground layer of every slice view, over ``background`` (what
-        ``slicer.util.setSliceViewerLayers`` does, without the application)."""
+                     threshold: float = 0.2, views: Iterable[str] | None = None) -> None:
+        """Heatmap as the foreground layer of every slice view (or of the ``views`` named), over
+        ``background`` (what ``slicer.util.setSliceViewerLayers`` does, without the application)."""
         self.style_heatmap(heat_node, threshold)
-        for comp in self.composite_nodes():
+        for comp in self.composite_nodes(views):
             if background is not None:
                 comp.SetBackgroundVolumeID(background.GetID())
             comp.SetForegroundVolumeID(heat_node.GetID())
@@ -272,6 +373,35 @@ class XAIScene:
     def set_opacity(self, opacity: float) -> None:
         for comp in self.composite_nodes():
             comp.SetForegroundOpacity(float(opacity))
+
+    # ------------------------------------------------------------------ answers (vqa)
+    def import_answer_heatmap(self, path: str | os.PathLike, reference: Any, name: str, view: str = "Red",
+                              opacity: float = 0.5, threshold: float = 0.2) -> ExplanationNodes:
+        """Load the heatmap of a question's answer and show it in the slice view the question was about.
+
+        The server's file is on ``reference``'s grid and zero except on the slice asked about, so it is
+        shown in that view only (``view``): the other views keep their layers (an explanation's heatmap
+        shown there stays). The file is checked to lie on the input's grid like any explanation file
+        (:meth:`conform_to_reference`); a file off the grid leaves no node behind.
+        """
+        heat = self.load_volume(path, name)
+        try:
+            self.conform_to_reference(heat, reference, "answer heatmap")
+        except Exception:
+            self.scene.RemoveNode(heat)
+            raise
+        self.show_heatmap(heat, reference, opacity, threshold, views=[view])
+        return ExplanationNodes(heatmap=heat)
+
+    @staticmethod
+    def set_slice_to_ras(slice_node: Any, slice_to_ras: Any) -> None:
+        """Put a slice view back where it was (a SliceToRAS matrix kept when the question was asked),
+        so that the answer's heatmap is on screen even if the user scrolled while the server worked."""
+        m = _vtk_matrix(_matrix(slice_to_ras))
+        if np.allclose(_matrix(slice_node.GetSliceToRAS()), _matrix(m), atol=1e-6):
+            return
+        slice_node.GetSliceToRAS().DeepCopy(m)
+        slice_node.UpdateMatrices()
 
     # ------------------------------------------------------------------ segments
     def new_segmentation(self, name: str, reference: Any) -> Any:
