@@ -184,6 +184,37 @@ def _cmd_export_seg(a: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate_vqa(a: argparse.Namespace) -> int:
+    """``xai evaluate --task vqa``: accuracy on a SLAKE-layout split and AOPC of each method, with
+    bootstrap CIs and the Wilcoxon test (``xai_core.vqa_faithfulness``, docs/vqa.md)."""
+    import shlex
+
+    from .models import load
+    from .settings import Settings
+    from .vqa_faithfulness import AOPCSettings, evaluate_vqa, summary_table, write_vqa_results
+
+    if not Path(a.data).is_dir():
+        raise FileNotFoundError(f"{a.data} is not a folder (a SLAKE-layout folder from xai data make-vqa)")
+    try:
+        fill = a.aopc_fill if a.aopc_fill == "mean" else float(a.aopc_fill)
+    except ValueError:
+        raise ValueError(f"--aopc-fill must be a number or 'mean', got {a.aopc_fill!r}") from None
+    aopc = AOPCSettings(patch=a.aopc_patch, steps=a.aopc_steps, fraction=a.aopc_fraction, fill=fill,
+                        rank=a.aopc_rank)
+    settings = Settings()
+    model = load(a.model or "brain-vqa", weights_dir=Path(a.weights_dir) if a.weights_dir else None,
+                 settings=settings)
+    res = evaluate_vqa(model, a.data, a.methods or ["relig", "ig"], split=a.split, cases=a.cases, settings=aopc,
+                       params=_method_params(a.param), seed=a.seed, progress=_progress("cases"),
+                       accuracy_progress=_progress("questions"))
+    command = "xai " + " ".join(shlex.quote(v) for v in sys.argv[1:]) if a.command_line is None else a.command_line
+    paths = write_vqa_results(res, a.out or "runs/evaluate_vqa", command=command)
+    print(summary_table(res), end="")
+    for name, path in paths.items():
+        print(f"  {name:<10} {path}")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
     import shlex
 
@@ -191,11 +222,16 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_cohort, write_results
     from .settings import Settings
 
+    if a.task == "vqa":  # Med-VQA: accuracy and AOPC on a SLAKE-layout split
+        return _evaluate_vqa(a)
+    a.methods = a.methods or ["gradcam", "gradcam++", "scorecam"]
+    a.out = a.out or "runs/evaluate"
     settings = Settings()
     kwargs = {m: _method_params(a.param) for m in a.methods} if a.param else None
     res = evaluate_cohort(a.methods, a.data, limit=a.limit, engine=a.engine, address=a.address, workers=a.workers,
                           faithfulness=not a.no_faithfulness, insertion=a.insertion, sanity_studies=a.sanity_studies,
-                          examples=a.examples, method_kwargs=kwargs, progress=_progress("studies"), settings=settings)
+                          examples=a.examples, method_kwargs=kwargs, progress=_progress("studies"), settings=settings,
+                          **({"model": a.model} if a.model else {}))
     keep = ("study_id", "label", "format", "method", "predicted", "dice", "iou", "auprc", "pointing_game",
             "mask_empty", "seconds")
     write_results([{k: c[k] for k in keep} for c in res["cases"]], a.out)
@@ -451,9 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=_cmd_export_seg)
 
     ev = sub.add_parser("evaluate", help="score methods: localisation, faithfulness, sanity; writes report.md")
-    ev.add_argument("--methods", nargs="+", default=["gradcam", "gradcam++", "scorecam"], choices=available_methods())
-    ev.add_argument("--data", required=True, help="studies folder with manifest.csv")
-    ev.add_argument("--out", default="runs/evaluate")
+    ev.add_argument("--task", choices=["volume", "vqa"], default="volume",
+                    help="volume: lesion studies (default); vqa: accuracy and AOPC on a SLAKE-layout split")
+    ev.add_argument("--methods", nargs="+", default=None, choices=available_methods(),
+                    help="default gradcam gradcam++ scorecam (volume) or relig ig (vqa: the first is compared "
+                         "with the second)")
+    ev.add_argument("--data", required=True, help="studies folder with manifest.csv (vqa: a SLAKE-layout folder)")
+    ev.add_argument("--out", default=None, help="output folder (default runs/evaluate, vqa: runs/evaluate_vqa)")
+    ev.add_argument("--model", default=None, help="model name (default brain-lesion-3d, vqa: brain-vqa)")
     ev.add_argument("--limit", type=int, default=None, help="at most this many lesion studies")
     ev.add_argument("--param", action="append", metavar="KEY=VALUE",
                     help="parameter given to every method that takes it (repeatable)")
@@ -467,6 +508,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-faithfulness", action="store_true", help="skip the deletion curves")
     ev.add_argument("--insertion", action="store_true", help="also the insertion curves (twice the forwards)")
     ev.add_argument("--command-line", default=None, help=argparse.SUPPRESS)
+    # --task vqa (docs/vqa.md, "Faithfulness (AOPC)")
+    ev.add_argument("--split", default="test", choices=["train", "validation", "test"], help="vqa: the split")
+    ev.add_argument("--cases", type=int, default=200,
+                    help="vqa: questions explained, the first N of a seeded permutation of the split (default 200)")
+    ev.add_argument("--seed", type=int, default=0, help="vqa: case sample, random-control orders, bootstrap")
+    ev.add_argument("--weights-dir", default=None, help="vqa: folder holding the model's card and weights")
+    ev.add_argument("--aopc-patch", type=int, default=8, help="vqa: deleted patch side, model-image pixels (8)")
+    ev.add_argument("--aopc-steps", type=int, default=49, help="vqa: deletion steps L (49)")
+    ev.add_argument("--aopc-fraction", type=float, default=0.25, help="vqa: share of patches deleted at step L")
+    ev.add_argument("--aopc-fill", default="0", help="vqa: value of deleted pixels (0..1) or 'mean' (default 0)")
+    ev.add_argument("--aopc-rank", choices=["signed", "absolute"], default="signed",
+                    help="vqa: rank patches by the signed (default) or absolute attribution sum")
     ev.set_defaults(func=_cmd_evaluate)
 
     sa = sub.add_parser("sanity", help="cascading model randomisation: does the map depend on the model?")
