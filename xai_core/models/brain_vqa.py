@@ -123,8 +123,12 @@ class BrainVQANet(nn.Module):
     # -- encoders ---------------------------------------------------------------------------------------
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Image tokens ``(B, 1 + (S/p)^2, D_v)`` (class token first, after the post-layernorm)."""
+        """Image tokens ``(B, 1 + (S/p)^2, D_v)`` (class token first, after the post-layernorm). A
+        one-channel image is repeated for an RGB encoder (a real PubMedCLIP checkpoint)."""
         size = pixel_values.shape[-1]
+        channels = self.vision.config.num_channels
+        if pixel_values.shape[1] == 1 and channels > 1:
+            pixel_values = pixel_values.expand(-1, channels, -1, -1)
         out = self.vision(pixel_values=pixel_values,
                           interpolate_pos_encoding=size != self.vision.config.image_size)
         return self.vision.post_layernorm(out.last_hidden_state)
