@@ -152,6 +152,31 @@ def _cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ask(a: argparse.Namespace) -> int:
+    """A question about one slice (``xai_core.ask``): answer.json, saliency.nii.gz, tokens.json, overlay.png."""
+    from .ask import ask, check_request, write_answer
+    from .io import read_image
+    from .models import load
+    from .settings import Settings
+
+    # Plane, method and slice position are checked here rather than by argparse so that a bad value is
+    # one line (argparse prints its usage too); the cheap checks run before the model is loaded.
+    check_request(a.question, a.plane, a.slice_mm, a.method)
+    settings = Settings()
+    image = read_image(a.image, untrusted=a.untrusted, settings=settings)
+    check_request(a.question, a.plane, a.slice_mm, a.method, image)
+    model = load(a.model, settings=settings)
+    res = ask(image, a.question, plane=a.plane, slice_mm=a.slice_mm, method=a.method, model=model,
+              method_kwargs=_method_params(a.param), settings=settings)
+    files = write_answer(res, a.out)
+    ans = res.answer
+    print(f"{ans.answer} (p = {ans.confidence:.3f}, {ans.answer_type}); {ans.slice.plane} slice at "
+          f"{ans.slice.axis} = {ans.slice.position_mm:.1f} mm; {ans.method}")
+    for name, path in files.items():
+        print(f"  {name:<10} {path}")
+    return 0
+
+
 def _dicom_outputs(exp, source: str, out: str, findings: Path | None) -> dict[str, Path]:
     """``mask.seg.dcm``, ``levels.seg.dcm``, ``saliency.pm.dcm``; anatomy from ``findings.json``
     when ``--report`` wrote one (no extra registration otherwise: the region is then the brain)."""
@@ -470,6 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a local causal language model folder drafts the report's impression, guarded "
                          "against the findings (implies --report)")
     ex.set_defaults(func=_cmd_explain)
+
+    ak = sub.add_parser("ask", help="ask a vqa model a question about one slice of a volume (docs/vqa.md)")
+    ak.add_argument("image", help="NIfTI/NRRD file, DICOM file or DICOM series folder")
+    ak.add_argument("question", help="the question, e.g. \"Is there a lesion?\"")
+    ak.add_argument("--plane", default="axial", help="patient plane: axial, coronal or sagittal (default axial)")
+    ak.add_argument("--slice-mm", default=None, metavar="POS",
+                    help="the slice's LPS coordinate along the plane's axis (S, P or L), mm (default: the "
+                         "volume's centre)")
+    ak.add_argument("--method", default="relig", help="explanation: relig (image and question tokens), ig (pixels) "
+                                                      "or none (default relig)")
+    ak.add_argument("--model", default="brain-vqa", help="vqa model name")
+    ak.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="method parameter, e.g. --param n_samples=4 --param n_steps=8 (repeatable)")
+    ak.add_argument("--untrusted", action="store_true", help="read the image as the server reads uploads")
+    ak.add_argument("--out", required=True, help="output folder")
+    ak.set_defaults(func=_cmd_ask)
 
     es = sub.add_parser("export-seg", help="a label on a DICOM series' grid as DICOM SEG (docs/dicom.md)")
     es.add_argument("label", help="label file (NIfTI/NRRD) on the series' grid, e.g. the corrected mask")

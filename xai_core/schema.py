@@ -11,7 +11,8 @@ Reply types:
   with ``report: true`` it also carries ``findings`` (:class:`~xai_core.findings.Findings`) and ``report``
   (Markdown);
 * :class:`ClassificationResult`: ``classify``;
-* :class:`SegmentationResult`: ``segment``.
+* :class:`SegmentationResult`: ``segment``;
+* :class:`VQAAnswer`: ``vqa`` (a question about one slice of the volume; also ``xai ask``'s answer.json).
 
 Inner models forbid unknown keys (a typo fails loudly); the top level allows the keys MONAI Label
 adds to a reply (``label_names``, ``latencies``).
@@ -20,16 +21,16 @@ adds to a reply (``label_names``, ``latencies``).
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .findings import Findings
 from .ood import OODResult
 
-__all__ = ["SCHEMA_VERSION", "ClassificationResult", "EvidenceCase", "EvidenceSummary", "ExplanationResult",
-           "ImageGeometry", "MaskSummary", "ModelRef", "PredictionSummary", "SaliencySummary", "SegmentationResult",
-           "result_json_schema"]
+__all__ = ["SCHEMA_VERSION", "AnswerProbability", "ClassificationResult", "EvidenceCase", "EvidenceSummary",
+           "ExplanationResult", "ImageGeometry", "MaskSummary", "ModelRef", "PredictionSummary", "SaliencySummary",
+           "SegmentationResult", "SliceGeometry", "TokenScore", "VQAAnswer", "VQASaliency", "result_json_schema"]
 
 SCHEMA_VERSION = "2.0"
 
@@ -160,13 +161,79 @@ class SegmentationResult(ClassificationResult):
     mask: SegmentationMask
 
 
+class AnswerProbability(_Strict):
+    answer: str
+    probability: float = Field(description="softmax probability over the model's answer vocabulary")
+
+
+class TokenScore(_Strict):
+    token: str = Field(description="a question token as the model's tokenizer split it ([CLS] and [SEP] included)")
+    score: float = Field(description="its attribution (RE-LIG at the question embedding, summed over the embedding "
+                                     "dimensions), logit units; positive tokens pushed towards the answer")
+
+
+class SliceGeometry(_Strict):
+    """The slice a question was asked about (``xai_core.slices``: planes in patient coordinates, LPS)."""
+
+    plane: Literal["axial", "coronal", "sagittal"]
+    axis: Literal["L", "P", "S"] = Field(description="the LPS axis held constant: S (axial), P (coronal), L (sagittal)")
+    position_mm: float = Field(description="the slice's LPS coordinate along that axis, mm")
+    thickness_mm: float = Field(description="the slab it stands for: one voxel of the volume along the plane normal")
+    size: list[int] = Field(description="pixels: columns, rows")
+    spacing: list[float] = Field(description="mm: column, row, thickness")
+    origin: list[float] = Field(description="LPS mm of pixel (row 0, column 0)")
+    direction: list[float] = Field(description="row-major 3 x 3; columns are the column axis, the row axis and "
+                                               "the plane normal")
+
+
+class VQASaliency(_Strict):
+    """The image attribution of the answer (absent with method ``none``)."""
+
+    flat: bool = Field(description="the map was flat (no ranking possible; the heatmap is all zeros)")
+    display: str = Field(description="how the 0..1 heatmap was made from the raw attribution")
+    raw_max: float = Field(description="maximum of the view before scaling, method's unit")
+    convergence_delta: float | None = Field(None, description="sum of attributions minus the logit difference to "
+                                                              "the baseline")
+    layer: str | None = Field(None, description="layer attributed (None: the pixels)")
+    peak_index_ijk: list[int] | None = Field(None, description="heatmap maximum in the volume, voxel index (i, j, k); "
+                                                               "None when flat")
+    peak_lps_mm: list[float] | None = Field(None, description="heatmap maximum in the volume, LPS mm; None when flat")
+    nonzero_voxels: int = Field(description="voxels of the heatmap volume above zero (all on the slice's slab)")
+    extras: dict[str, Any] = Field(default_factory=dict, description="method diagnostics (integration rule, noise "
+                                                                     "samples, seed, ...)")
+
+
+class VQAAnswer(_ServerFields, _Reply):
+    """The answer to a question about one slice, and what in the slice and the question led to it."""
+
+    schema_version: str = SCHEMA_VERSION
+    question: str = Field(description="the question as asked (stripped)")
+    answer: str = Field(description="the most probable answer")
+    answer_type: str = Field(description="CLOSED (yes/no, normal/abnormal) or OPEN")
+    confidence: float = Field(description="the answer's softmax probability")
+    top: list[AnswerProbability] = Field(description="the 5 most probable answers, most probable first")
+    tokens: list[TokenScore] = Field(description="one score per question token; empty when the method does not "
+                                                 "attribute the question (ig, none)")
+    method: Literal["relig", "ig", "none"] = Field(description="explanation of the answer: relig (image and "
+                                                                "question), ig (pixels only) or none")
+    method_title: str | None = Field(None, description="the method's title, for display")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters, for provenance")
+    slice: SliceGeometry
+    saliency: VQASaliency | None = Field(None, description="None with method none")
+    image: ImageGeometry = Field(description="the input volume's geometry (the heatmap volume's too)")
+    model: ModelRef
+    timings_s: dict[str, float]
+    software: dict[str, str]
+    files: dict[str, str] | None = Field(None, description="xai ask: file names written")
+
+
 def result_json_schema() -> dict[str, Any]:
-    """One JSON Schema document: ``{"explanation", "classification", "segmentation", "findings"}`` under
-    ``properties`` (each a reply type), with shared definitions in ``$defs``."""
+    """One JSON Schema document: ``{"explanation", "classification", "segmentation", "findings", "vqa"}``
+    under ``properties`` (each a reply type), with shared definitions in ``$defs``."""
     from pydantic.json_schema import models_json_schema
 
     types = {"explanation": ExplanationResult, "classification": ClassificationResult,
-             "segmentation": SegmentationResult, "findings": Findings}
+             "segmentation": SegmentationResult, "findings": Findings, "vqa": VQAAnswer}
     keys, defs = models_json_schema([(m, "serialization") for m in types.values()],
                                     ref_template="#/$defs/{model}")
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "xai_core results",
