@@ -207,42 +207,16 @@ def sample_answer(**changes) -> dict:
     return reply
 
 
-def _live_vqa_schema() -> dict | None:
-    """xai_core's schema with its ``vqa`` reply (JSON round trip), or None while it has none."""
-    import json
-
-    try:
-        from xai_core.schema import result_json_schema
-    except ImportError:
-        return None
-    doc = json.loads(json.dumps(result_json_schema()))
-    return doc if "vqa" in doc.get("properties", {}) else None
-
-
-@pytest.fixture
-def vqa_schema(monkeypatch):
-    """The schema answers are checked against: the module's bundled copy once it has the ``vqa`` reply;
-    until the server side refreshes the copy, xai_core's own models (the same document, ahead of it)."""
-    if "vqa" in lib_schema.load_schema().get("properties", {}):
-        return lib_schema.load_schema()
-    live = _live_vqa_schema()
-    if live is None:
-        pytest.skip("no vqa reply in the bundled schema copy or in xai_core.schema yet")
-    monkeypatch.setattr(lib_schema, "load_schema", lambda: live)
-    return live
-
-
 def test_sample_answer_follows_xai_cores_vqa_model():
-    if _live_vqa_schema() is None:
-        pytest.skip("xai_core.schema has no VQAAnswer yet")
     from xai_core.schema import VQAAnswer
 
     VQAAnswer.model_validate(sample_answer())
 
 
-def test_every_answer_field_read_is_in_the_schema_and_read_only_through_its_path(vqa_schema):
+def test_every_answer_field_read_is_in_the_bundled_schema_and_read_only_through_its_path():
     import ast
 
+    assert "vqa" in lib_schema.load_schema()["properties"], "the module's schema copy has no vqa reply"
     for path in report.ANSWER_READS:
         lib_schema.field_schema(path, "vqa")  # KeyError names a path the schema lacks
     used = set()
@@ -256,15 +230,7 @@ def test_every_answer_field_read_is_in_the_schema_and_read_only_through_its_path
     assert len(used) >= 18, sorted(used)
 
 
-def test_bundled_schema_copy_has_the_vqa_reply():
-    """Fails until the server side refreshes Resources/Schema/xai_result_schema.json with VQAAnswer."""
-    doc = lib_schema.load_schema()
-    assert "vqa" in doc["properties"], "the module's schema copy has no vqa reply: refresh it (xai_core.schema)"
-    for path in report.ANSWER_READS:
-        lib_schema.field_schema(path, "vqa")
-
-
-def test_answer_check_accepts_the_contract_and_names_every_problem(vqa_schema):
+def test_answer_check_accepts_the_contract_and_names_every_problem():
     good = sample_answer()
     assert report.answer_check(good) is good
     # Fields the module does not read may come and go (a newer server adds some).

@@ -536,11 +536,12 @@ class XAIExplainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             report.answer_check(result)
         except ReplyError as e:
-            # What the server said still reaches the user; nothing goes into the scene.
+            # What the server said still reaches the user; nothing goes into the scene, and the status
+            # line says why (onRunFinished shows the error).
             self.ui.answerTextBrowser.setHtml(report.answer_html(result)
                                               + f"<p style='color:#c0392b'>{html.escape(str(e))}</p>")
             self.ui.vqaStatusLabel.text = "The answer could not be read completely (see below)."
-            return
+            raise
         self.ui.answerTextBrowser.setHtml(report.answer_summary_html(result))
         sliceNode, matrix, position = self.askedSlice or (None, None, None)
         self.askedSlice = None
