@@ -21,7 +21,9 @@ def test_docs_schema_is_the_models_schema():
 
 def test_schema_names_every_reply_type_and_the_findings():
     s = result_json_schema()
-    assert set(s["properties"]) == {"explanation", "classification", "segmentation", "findings"}
+    assert set(s["properties"]) == {"explanation", "classification", "segmentation", "findings", "vqa"}
+    assert {"answer", "answer_type", "confidence", "top", "tokens", "slice", "model"} <= set(
+        s["$defs"]["VQAAnswer"]["properties"])
     expl = s["$defs"]["ExplanationResult"]
     assert {"prediction", "method", "method_title", "saliency", "mask", "findings", "report"} <= set(expl["properties"])
     assert "levels" in s["$defs"]["Findings"]["properties"]
