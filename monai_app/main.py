@@ -6,8 +6,10 @@ MONAI Label loads this file and instantiates the one class whose *direct* base i
 ``--conf`` keys (all optional): ``models`` (comma-separated model names, the first is the default
 whose tasks keep their plain names; the others' tasks are named ``<model>.<task>``) or ``model``
 (one model; default ``brain-lesion-3d``), ``device`` (``auto``,
-``cpu``, ``cuda:0``; default ``XAI_DEVICE``), ``token`` (default ``XAI_TOKEN``), ``max_upload_mb``
-(default ``XAI_MAX_UPLOAD_MB``), ``results_dir``, ``results_keep``, ``jobs_keep``, ``evidence`` (MedLIME's
+``cpu``, ``cuda:0``; default ``XAI_DEVICE``), ``vqa_model`` (the model behind the ``vqa`` task, default
+``brain-vqa``; ``none`` turns it off; served whenever its weights exist, without being named in
+``models``), ``token`` (default ``XAI_TOKEN``), ``max_upload_mb`` (default ``XAI_MAX_UPLOAD_MB``),
+``results_dir``, ``results_keep``, ``jobs_keep``, ``evidence`` (MedLIME's
 evidence library file from ``xai evidence build``, loaded once at start and used by every ``medlime`` task;
 without it MedLIME runs without evidence regularisation and says so in its result).
 """
@@ -72,8 +74,11 @@ class XAIApp(MONAILabelApp):
         _refuse_unguarded_server(self.xai.options.token)
         _load_medlime_resources(conf.get("evidence"))
         self.task_configs = []
-        for name in self.xai.options.models:
-            kind = self.xai.cache(name).kind()
+        options = self.xai.options
+        for name in options.served_models:
+            # The vqa model's task exists from the start, its weights may land later (a card-less model
+            # would otherwise read as a volume classifier).
+            kind = "vqa" if name == options.vqa_model else self.xai.cache(name).kind()
             if kind not in CONFIGS:
                 raise ValueError(f"model {name!r} has kind {kind!r}, which the app does not serve ({sorted(CONFIGS)})")
             config = CONFIGS[kind]()
@@ -85,7 +90,9 @@ class XAIApp(MONAILabelApp):
                          version=xai_core.__version__)
         self.xai.bind(self.infer)
         for name, cache in self.xai.caches.items():
-            if not cache.available():
+            if name not in options.models and not cache.available():
+                log.info("vqa model %r has no weights yet: /info/ lists no vqa task until they appear", name)
+            elif not cache.available():
                 log.warning("model %r has no weights yet: /info/ lists no tasks until its .json/.pt appear", name)
 
     def init_datastore(self) -> Datastore:
@@ -111,6 +118,8 @@ class XAIApp(MONAILabelApp):
         card = self.xai.models.card()
         models = {}
         for name, cache in self.xai.caches.items():
+            if name not in self.xai.options.models and not cache.available():
+                continue  # the vqa model is listed once its weights are there, as its task is
             c = cache.card()
             versions = cache.versions().summary(cache.own_card())
             models[name] = {"kind": cache.kind(), **{k: c.get(k) for k in ("version", "classes", "weights_sha256")},

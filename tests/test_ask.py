@@ -171,10 +171,11 @@ def test_method_none_answers_on_the_centre_slice_without_a_heatmap(model, tmp_pa
     from xai_core.ask import ask, write_answer
 
     image, _ = su.synthetic_study((16, 20, 18), (2.0, 2.0, 2.5), (-17.0, -19.0, -20.0), seed=2)
-    res = ask(image, "  which side is the lesion on  ", plane="Axial", method="none", model=model)
+    # "$" would start a matplotlib formula (and "$x^$" fail to parse) if the overlay did not draw text as text.
+    res = ask(image, "  which side is the lesion on $x^$  ", plane="Axial", method="none", model=model)
     # Centre along S: origin + (size - 1) / 2 voxels of 2.5 mm (identity direction).
     assert res.answer.slice.position_mm == pytest.approx(-20.0 + 7.5 * 2.5)
-    assert res.answer.question == "which side is the lesion on" and res.answer.slice.plane == "axial"
+    assert res.answer.question == "which side is the lesion on $x^$" and res.answer.slice.plane == "axial"
     assert res.saliency is None and res.answer.saliency is None and res.answer.tokens == []
     files = write_answer(res, tmp_path)
     assert set(files) == {"tokens", "overlay", "answer"}

@@ -295,13 +295,15 @@ def overlay_png(result: AskResult, alpha: float = 0.45) -> bytes:
         y = np.arange(len(names))
         bx.barh(y, scores, color=np.where(scores >= 0, "#c0392b", "#2e6da4"))
         bx.set_yticks(y, names)
+        for label in bx.get_yticklabels():
+            label.set_parse_math(False)  # a "$" token is text, not the start of a formula
         bx.invert_yaxis()  # the question reads top to bottom
         bx.axvline(0, color="k", linewidth=0.6)
         bx.set_xlabel("token attribution (logit units)")
         bx.set_title("question tokens")
     runners = ", ".join(f"{t.answer} {t.probability:.2f}" for t in a.top[1:4])
     fig.suptitle(f"Q: {_wrap(a.question)}\nA: {a.answer} ({a.confidence:.2f}, {a.answer_type});  "
-                 f"runners-up: {runners}", fontsize=11)
+                 f"runners-up: {runners}", fontsize=11, parse_math=False)  # "$...$" in a question is text
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)

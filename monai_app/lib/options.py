@@ -30,6 +30,9 @@ class AppOptions:
         results_dir: where explanation artifacts are kept (``/xai/results``).
         results_keep: how many results are kept before the oldest are pruned.
         jobs_keep: how many finished jobs are remembered.
+        vqa_model: the visual-question-answering model behind the ``vqa`` task (``--conf vqa_model``,
+            default ``brain-vqa``; ``none`` turns it off). It need not be in ``models``: its task is
+            listed in ``/info/`` only while its weights exist, which may be after the server started.
     """
 
     models: tuple[str, ...]
@@ -40,11 +43,18 @@ class AppOptions:
     results_dir: Path
     results_keep: int
     jobs_keep: int
+    vqa_model: str = ""
 
     @property
     def model(self) -> str:
         """The default model: its tasks keep their plain names."""
         return self.models[0]
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """``models`` and the vqa model (when it is not one of them already)."""
+        extra = (self.vqa_model,) if self.vqa_model and self.vqa_model not in self.models else ()
+        return (*self.models, *extra)
 
     @property
     def state_dir(self) -> Path:
@@ -69,6 +79,9 @@ class AppOptions:
         models = tuple(dict.fromkeys(m for m in names if m))
         if not models:
             raise ValueError("--conf models names no model")
+        vqa_model = str(conf.get("vqa_model", "brain-vqa")).strip()
+        if vqa_model.lower() in ("none", "off", "false", "0"):
+            vqa_model = ""
         return cls(
             models=models,
             device=conf.get("device", s.device),
@@ -78,4 +91,5 @@ class AppOptions:
             results_dir=Path(conf.get("results_dir", studies / STATE_DIR / "results")),
             results_keep=int(conf.get("results_keep", 200)),
             jobs_keep=int(conf.get("jobs_keep", 500)),
+            vqa_model=vqa_model,
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
-FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.(nii\.gz|json|md|dcm)$")
+FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.(nii\.gz|json|md|dcm|png)$")
 URL_PREFIX = "/xai/results"
 
 

@@ -30,7 +30,7 @@ class XAIRuntime:
     def __init__(self, options: AppOptions):
         self.options = options
         self.settings = Settings()  # mask bounds, levels, threads: one object for this process
-        self.caches = {name: ModelCache(name, options.device, self.settings) for name in options.models}
+        self.caches = {name: ModelCache(name, options.device, self.settings) for name in options.served_models}
         self.models = self.caches[options.model]  # the default model
         self.results = ResultStore(options.results_dir, options.results_keep)
         self.registrations = RegistrationCache(keep=16)

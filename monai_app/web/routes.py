@@ -60,7 +60,8 @@ def _task(app, name: str):
     if task is None:
         raise ApiError(404, f"unknown task {name!r}; available: {sorted(app._infers)}")
     if not task.is_valid():
-        raise ApiError(503, f"task {name!r} cannot run: model {app.xai.options.model!r} has no weights yet")
+        model = getattr(task, "model_name", app.xai.options.model)
+        raise ApiError(503, f"task {name!r} cannot run: model {model!r} has no weights yet")
     return task
 
 
@@ -144,6 +145,10 @@ async def infer(model: str, request: Request, background_tasks: BackgroundTasks,
         # client that hangs up while the worker still reads the file).
         future.add_done_callback(lambda _f, p=path: _remove(p))
     result = await asyncio.wrap_future(future)
+    if output == "image" and not (result.get("file") or result.get("label")):
+        # A JSON-only task (classify, vqa with method none): MONAI Label's send_response would fail on the
+        # missing file; the reply is the JSON, whatever output says (docs/http_api.md).
+        return result.get("params")
     return send_response(app.datastore(), result, output or None, background_tasks)
 
 
@@ -189,7 +194,7 @@ async def get_result_file(result_id: str, name: str):
 
 def _media_type(name: str) -> str:
     for suffix, media in ((".json", "application/json"), (".md", "text/markdown; charset=utf-8"),
-                          (".dcm", "application/dicom")):
+                          (".dcm", "application/dicom"), (".png", "image/png")):
         if name.endswith(suffix):
             return media
     return "application/gzip"

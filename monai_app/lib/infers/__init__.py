@@ -3,5 +3,6 @@
 from .base import XAIInferTask
 from .explain import ExplainTask, SaliencyMaskTask
 from .predict import ClassifyTask, SegmentTask
+from .vqa import VQATask
 
-__all__ = ["ClassifyTask", "ExplainTask", "SaliencyMaskTask", "SegmentTask", "XAIInferTask"]
+__all__ = ["ClassifyTask", "ExplainTask", "SaliencyMaskTask", "SegmentTask", "VQATask", "XAIInferTask"]
