@@ -164,14 +164,14 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
     timings: dict[str, float] = {}
     progress("load", 0.0)
     t = time.perf_counter()
-    if model is None:
+    if model is None:  # timed only when loaded here (a caller's model was loaded before the call)
         from .models import load
 
         model = load(model_name, settings=settings or Settings())
+        timings["load"] = round(time.perf_counter() - t, 4)
     if getattr(model, "kind", None) != "vqa":
         raise AskError(f"model {model.card.name!r} is a {model.kind!r} model; asking needs a vqa model "
                        f"(e.g. {DEFAULT_MODEL})")
-    timings["load"] = round(time.perf_counter() - t, 4)
 
     progress("prepare", 0.1)
     t = time.perf_counter()
