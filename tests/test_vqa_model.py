@@ -83,14 +83,19 @@ def test_model_trained_at_one_resolution_runs_at_twice_it(tiny):
     assert x.tensor.shape == (1, 1, 2 * size, 2 * size)
     p = net.vision.config.patch_size
     grids = {}
-    store: dict[int, torch.Size] = {}
+    shapes: list[torch.Size] = []
+
+    def record(_m, _a, out) -> None:  # returns None: the layer's output is kept as it is
+        shapes.append(out.shape[-2:])
+
     for s in (size, 2 * size):
-        h = net.get_submodule(IMAGE_LAYER).register_forward_hook(
-            lambda _m, _a, o, s=s: store.setdefault(s, o.shape[-2:]))
-        tokens = net.encode_image(F.interpolate(x.tensor, size=(s, s)))
-        h.remove()
+        h = net.get_submodule(IMAGE_LAYER).register_forward_hook(record)
+        try:
+            tokens = net.encode_image(F.interpolate(x.tensor, size=(s, s)))
+        finally:
+            h.remove()
         assert tokens.shape[1] == 1 + (s // p) ** 2
-        grids[s] = store[s]
+        grids[s] = shapes[-1]
     assert grids == {size: (size // p, size // p), 2 * size: (2 * size // p, 2 * size // p)}
     # At twice the size the learned position grid is interpolated (bicubic), not truncated or repeated.
     emb = net.vision.embeddings
