@@ -238,3 +238,10 @@ def slice_to_volume(map2d: np.ndarray, geometry: Image | Slice, volume: Image, *
             vals = ndimage.map_coordinates(src, coords, order=1, mode="constant", cval=0.0)
         out[k][band] = vals
     return volume.with_array(out)
+
+
+def to_png8(arr: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """Intensities -> 0..255 uint8 through ``window`` ``(low, high)`` (clipped): a slice for display and
+    for the VQA model, which sees what ``xai data make-vqa`` wrote."""
+    lo, hi = window
+    return (np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)

@@ -36,7 +36,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..io import Image, read_image
-from ..slices import PLANES, plane_extent, sample_slice
+from ..slices import PLANES, plane_extent, sample_slice, to_png8
 from .brain import LESION_CLASSES, read_manifest
 
 MIN_LESION_AREA_MM2 = 20.0  # a lesion smaller than this on a slice is not called present (nor absent)
@@ -249,11 +249,6 @@ def _structure_on(row: dict, side: str | None) -> str | None:
     return None
 
 
-def _to_png8(arr: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    lo, hi = window
-    return (np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)
-
-
 def _study_slices(args) -> list[dict]:
     """Slices of one study written under ``imgs/``; returns their ground truth as dicts."""
     row, out, seed, options = args
@@ -300,7 +295,7 @@ def _study_slices(args) -> list[dict]:
         name = f"{row['study_id']}_{plane}{n}"
         folder = out / "imgs" / name
         folder.mkdir(parents=True, exist_ok=True)
-        PILImage.fromarray(_to_png8(sl.array, window)).save(folder / "source.png")
+        PILImage.fromarray(to_png8(sl.array, window)).save(folder / "source.png")
         PILImage.fromarray(((ms.array > 0) * 255).astype(np.uint8)).save(folder / "mask.png")
         geom = sl.to_json()
         meta = dict(study_id=row["study_id"], source_image=row["image"], label=row["label"], **geom,

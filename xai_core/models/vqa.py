@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..io import Image
-from ..slices import PLANES, Slice, sample_slice, slice_to_volume
+from ..slices import PLANES, Slice, sample_slice, slice_to_volume, to_png8
 from .adapter import ModelAdapter, ModelInput
 
 __all__ = ["VQAModel", "VQAPrediction", "study_window", "to_png8"]
@@ -62,12 +62,6 @@ def study_window(image: Image) -> tuple[float, float]:
         return 0.0, 1.0
     lo, hi = np.percentile(fg, [1, 99.5])
     return float(lo), float(hi)
-
-
-def to_png8(arr: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Intensities -> 0..255 uint8 through ``window`` (clipped)."""
-    lo, hi = window
-    return (np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255).round().astype(np.uint8)
 
 
 class VQAModel(ModelAdapter):
