@@ -167,6 +167,29 @@ def test_ig_scores_no_tokens_and_follows_slice_mm(oblique, model, tmp_path):
     assert nonzero.sum() > 100 and not (nonzero & ~slab).any()
 
 
+def test_the_overlay_is_drawn_only_when_asked_and_drawn_later_is_the_same_picture(oblique, model, tmp_path,
+                                                                                   monkeypatch):
+    import xai_core.ask as ask_mod
+
+    calls = []
+    real = ask_mod.overlay_png
+    monkeypatch.setattr(ask_mod, "overlay_png", lambda result, *a, **k: calls.append(1) or real(result, *a, **k))
+    res = ask_mod.ask(oblique, QUESTION, plane="coronal", slice_mm=3.0, method="relig", model=model,
+                      method_kwargs={"n_samples": 2, "n_steps": 4}, overlay=False)
+    assert calls == [] and res.overlay_png is None and "overlay" not in res.answer.timings_s
+    folder = tmp_path / "result"
+    files = ask_mod.write_answer(res, folder)
+    assert "overlay" not in files and not (folder / "overlay.png").exists()
+    assert ask_mod.write_overlay_source(res, folder) == folder / ask_mod.OVERLAY_SOURCE
+
+    path = ask_mod.draw_overlay(folder)
+    assert path == folder / "overlay.png" and calls == [1]
+    # The same bytes as the picture drawn at once: the kept slice, heatmap, window and answer are exact.
+    assert path.read_bytes() == real(res) and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(folder.glob(".overlay.*"))  # no temporary file left behind
+    assert ask_mod.draw_overlay(tmp_path / "not_a_vqa_result") is None
+
+
 def test_method_none_answers_on_the_centre_slice_without_a_heatmap(model, tmp_path):
     from xai_core.ask import ask, write_answer
 

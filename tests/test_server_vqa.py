@@ -120,9 +120,15 @@ def test_vqa_answers_with_the_heatmap_on_the_requested_slice(server, vqa_weights
     p = heat.index_to_physical(kji[:, ::-1].astype(float))[:, 1]
     assert p.min() >= 3.0 - thickness / 2 - 1e-3 and p.max() < 3.0 + thickness / 2 + 1e-3
 
+    # The overlay is not drawn with the answer, only on its first download (then kept).
+    folder = server.datastore / ".xai" / "results" / result["result_id"]
+    assert "overlay" not in result["timings_s"] and not (folder / "overlay.png").exists()
+    assert (folder / "answer.json").is_file()  # the right folder
     overlay = server.get(result["artifacts"]["overlay"])
     assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
-    assert overlay.content[:4] == b"\x89PNG"
+    assert overlay.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "overlay.png").read_bytes() == overlay.content
+    assert server.get(result["artifacts"]["overlay"]).content == overlay.content
     tokens = server.get(result["artifacts"]["tokens"]).json()
     assert tokens["tokens"] == result["tokens"]
     saved = server.get(result["artifacts"]["result"]).json()
@@ -152,9 +158,44 @@ def test_bad_parameters_are_422_naming_the_problem_and_the_server_keeps_serving(
                                                 "method": "none"})})
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     assert r.json()["saliency"] is None and r.json()["slice"]["axis"] == "L" and "saliency" not in r.json()["artifacts"]
+    overlay = server.get(r.json()["artifacts"]["overlay"])  # the answer without a heatmap still has its picture
+    assert overlay.status_code == 200 and overlay.content[:4] == b"\x89PNG"
     r = server.post("/infer/vqa", params={"image": "case", "output": "image"},
                     json={"question": QUESTION, "method": "none"})
     assert r.status_code == 200 and r.json()["answer"] and r.json()["method"] == "none"  # no file: the JSON
+
+
+def test_a_drawn_artifact_is_listed_drawn_once_on_download_and_absent_without_its_source(tmp_path):
+    import threading
+
+    from monai_app.lib.results import Drawn, ResultStore
+
+    drawn = []
+
+    def draw(folder: Path) -> Path:
+        drawn.append(folder.name)
+        time.sleep(0.2)  # long enough for the second download to arrive while this one draws
+        (folder / "overlay.png").write_bytes(b"\x89PNG picture")
+        return folder / "overlay.png"
+
+    store = ResultStore(tmp_path, drawn={"overlay.png": Drawn("overlay_source.npz", draw)})
+    rid, folder = store.create()
+    (folder / "overlay_source.npz").write_bytes(b"source")
+    other, _ = store.create()  # a result without the source (an explanation): no overlay
+    assert store.urls(rid)["overlay"] == f"/xai/results/{rid}/overlay.png" and "overlay" not in store.urls(other)
+    assert "overlay_source" not in store.urls(rid)  # the source is no downloadable artifact
+    assert store.path(rid, "overlay.png") is None and drawn == []  # nothing drawn until downloaded
+
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(store.draw(rid, "overlay.png"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == [folder / "overlay.png"] * 2 and drawn == [rid]  # two downloads, one draw
+    assert store.path(rid, "overlay.png") == folder / "overlay.png"
+    assert store.draw(other, "overlay.png") is None and store.draw(rid, "tokens.json") is None
+    assert store.draw("../" + rid, "overlay.png") is None and drawn == [rid]
 
 
 def test_a_vqa_job_runs_off_the_event_loop(server, vqa_weights):

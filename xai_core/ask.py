@@ -8,6 +8,10 @@
     res.overlay_png     # PNG bytes: slice, heatmap, question, answer, token bars
     write_answer(res, "out/")   # answer.json, saliency.nii.gz, tokens.json, overlay.png
 
+The server draws the overlay only when a client downloads it: it asks with ``overlay=False``, keeps
+what the picture is drawn from (:func:`write_overlay_source`) and :func:`draw_overlay` draws it from
+the result folder on the first download.
+
 Planes are patient (LPS) planes and ``slice_mm`` is the slice's LPS coordinate along the plane's axis
 (S for axial, P for coronal, L for sagittal; default the volume's physical centre), as in
 :mod:`xai_core.slices`. Methods: ``relig`` (RE-LIG: the image embedding and, along the same path, the
@@ -24,6 +28,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,8 +43,9 @@ from .schema import VQAAnswer
 from .settings import Settings
 from .slices import AXIS_NAMES, PLANES, plane_extent
 
-__all__ = ["AskError", "AskResult", "DEFAULT_MODEL", "DEFAULT_PARAMS", "MAX_QUESTION_CHARS", "METHODS", "ask",
-           "check_request", "overlay_png", "write_answer"]
+__all__ = ["AskError", "AskResult", "DEFAULT_MODEL", "DEFAULT_PARAMS", "MAX_QUESTION_CHARS", "METHODS",
+           "OVERLAY_SOURCE", "ask", "check_request", "draw_overlay", "overlay_png", "write_answer",
+           "write_overlay_source"]
 
 DEFAULT_MODEL = "brain-vqa"
 METHODS = ("relig", "ig", "none")
@@ -48,6 +55,9 @@ DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"relig": {"n_samples": 8, "n_steps"
 # The tokenizer truncates long questions anyway; a bound keeps a pasted document from being tokenised
 # and echoed back in every reply.
 MAX_QUESTION_CHARS = 500
+# What the overlay is drawn from, kept beside answer.json when the overlay is drawn later. Not one of
+# the server's downloadable file types (results.FILE_NAME), so it is never listed as an artifact.
+OVERLAY_SOURCE = "overlay_source.npz"
 
 Progress = Callable[[str, float], None]
 
@@ -144,7 +154,8 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
         model: a loaded vqa adapter (:class:`~xai_core.models.vqa.VQAModel`); default: load ``model_name``.
         model_name: the model to load when ``model`` is None.
         method_kwargs: explainer parameters over :data:`DEFAULT_PARAMS` (e.g. ``n_samples``, ``n_steps``).
-        overlay: also render the overlay PNG (matplotlib; ~0.5 s).
+        overlay: also render the overlay PNG now (matplotlib; ~0.65 s). The server passes False and
+            draws it when a client downloads it (:func:`draw_overlay`).
         progress: ``progress(stage, fraction)`` with stages load, prepare, answer, attribute, render; it
             may raise to stop the call (the server's job cancel).
         settings: device and weight folders for loading the model (default ``Settings()``).
@@ -332,3 +343,42 @@ def write_answer(result: AskResult, out: str | Path) -> dict[str, Path]:
     record = a.model_copy(update={"files": {k: v.name for k, v in files.items()}})
     files["answer"].write_text(json.dumps(record.model_dump(mode="json"), indent=2))
     return files
+
+
+def write_overlay_source(result: AskResult, out: str | Path) -> Path:
+    """Keep what :func:`overlay_png` draws besides the answer, so that :func:`draw_overlay` can draw the
+    overlay later from folder ``out``: ``overlay_source.npz`` with ``slice_image`` ``(rows, cols)``
+    float32, ``slice_map`` ``(rows, cols)`` 0..1 (absent with method ``none``) and ``window`` (2,)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arrays = {"slice_image": np.asarray(result.slice_image, np.float32),
+              "window": np.asarray(result.window, np.float64)}
+    if result.slice_map is not None:
+        arrays["slice_map"] = np.asarray(result.slice_map, np.float32)
+    path = out / OVERLAY_SOURCE
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def draw_overlay(folder: str | Path) -> Path | None:
+    """Draw ``overlay.png`` in ``folder`` from its ``answer.json`` and :data:`OVERLAY_SOURCE` (written
+    by :func:`write_answer` and :func:`write_overlay_source`): the same picture :func:`ask` renders.
+    Returns its path; None when the folder lacks either file (another kind of result, or one pruned
+    meanwhile)."""
+    folder = Path(folder)
+    try:
+        with np.load(folder / OVERLAY_SOURCE) as z:
+            slice_image = z["slice_image"]
+            slice_map = z["slice_map"] if "slice_map" in z.files else None
+            lo, hi = (float(v) for v in z["window"])
+        answer = VQAAnswer.model_validate_json((folder / "answer.json").read_text())
+    except FileNotFoundError:
+        return None
+    png = overlay_png(AskResult(answer=answer, saliency=None, slice_image=slice_image, slice_map=slice_map,
+                                window=(lo, hi)))
+    path = folder / "overlay.png"
+    # Written aside and renamed: a concurrent download never reads half a picture.
+    tmp = folder / f".overlay.{os.getpid()}.{threading.get_ident()}.tmp"
+    tmp.write_bytes(png)
+    os.replace(tmp, path)
+    return path

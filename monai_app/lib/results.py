@@ -3,6 +3,10 @@
 One HTTP response carries one file, so every inference writes all its artifacts here and returns
 their URLs (``/xai/results/<result_id>/<file>``) in its JSON. Results are a cache, not records:
 the oldest are pruned beyond ``keep`` (labels, which are records, live in the datastore).
+
+Some artifacts are drawn only when a client downloads them (:class:`Drawn`; the vqa overlay PNG): the
+result keeps their source, its URL is listed with the others, and the first download draws the file
+(:meth:`ResultStore.draw`), which later downloads then read like any other.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +34,30 @@ def artifact_name(file_name: str) -> str:
     return "_".join(parts[:2]) if file_name.endswith(".dcm") and len(parts) > 2 else parts[0]
 
 
+@dataclass(frozen=True)
+class Drawn:
+    """An artifact drawn on its first download from a file the result keeps.
+
+    Attributes:
+        source: the file in the result folder it is drawn from; a result without it has no such artifact.
+        draw: ``draw(folder)`` writes the artifact into the folder and returns its path (None when the
+            folder cannot draw it).
+    """
+
+    source: str
+    draw: Callable[[Path], Path | None]
+
+
 class ResultStore:
-    def __init__(self, root: Path, keep: int = 200):
+    def __init__(self, root: Path, keep: int = 200, drawn: Mapping[str, Drawn] | None = None):
+        """``drawn``: artifact file name (``overlay.png``) -> how it is drawn on its first download."""
         self.root = Path(root)
         self.keep = max(1, int(keep))
+        self.drawn = dict(drawn or {})
         self.outgoing = self.root / ".outgoing"  # response copies, deleted once sent
         self._lock = threading.Lock()
+        # Its own lock, not _lock: a draw takes a while and must not hold up create() on the model worker.
+        self._draw_lock = threading.Lock()
 
     def create(self) -> tuple[str, Path]:
         """A new, empty result folder: ``(result_id, path)``."""
@@ -50,12 +74,35 @@ class ResultStore:
         p = self.root / result_id / name
         return p if p.is_file() else None
 
+    def draw(self, result_id: str, name: str) -> Path | None:
+        """The drawn artifact ``name`` of result ``result_id`` (:class:`Drawn`), drawn now unless it
+        already is; None when the ids are malformed, the artifact is not drawn, or the result lacks its
+        source (pruned, or another kind of result)."""
+        spec = self.drawn.get(name)
+        if spec is None or not RESULT_ID.match(result_id):
+            return None
+        folder = self.root / result_id
+        # One draw at a time: two downloads of one overlay draw it once; the second reads the file.
+        with self._draw_lock:
+            done = self.path(result_id, name)
+            if done is not None or not (folder / spec.source).is_file():
+                return done
+            try:
+                return spec.draw(folder)
+            except FileNotFoundError:  # pruned while it was drawn
+                return None
+
     def urls(self, result_id: str) -> dict[str, str]:
-        """``{artifact name: URL}`` for every file of the result (name = file name without suffix)."""
+        """``{artifact name: URL}`` for every file of the result (name = file name without suffix),
+        drawn artifacts whose source the result keeps included."""
+        folder = self.root / result_id
         out = {}
-        for p in sorted((self.root / result_id).iterdir()):
+        for p in sorted(folder.iterdir()):
             if FILE_NAME.match(p.name):
                 out[artifact_name(p.name)] = f"{URL_PREFIX}/{result_id}/{p.name}"
+        for name, spec in self.drawn.items():
+            if (folder / spec.source).is_file():
+                out.setdefault(artifact_name(name), f"{URL_PREFIX}/{result_id}/{name}")
         out.setdefault("result", f"{URL_PREFIX}/{result_id}/result.json")
         return out
 

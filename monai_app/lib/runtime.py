@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from xai_core.ask import OVERLAY_SOURCE, draw_overlay
 from xai_core.registration import RegistrationCache
 from xai_core.settings import Settings
 
@@ -23,7 +24,7 @@ from . import provenance
 from .jobs import InferFn, JobManager
 from .models import ModelCache
 from .options import AppOptions
-from .results import ResultStore
+from .results import Drawn, ResultStore
 
 
 class XAIRuntime:
@@ -32,7 +33,9 @@ class XAIRuntime:
         self.settings = Settings()  # mask bounds, levels, threads: one object for this process
         self.caches = {name: ModelCache(name, options.device, self.settings) for name in options.served_models}
         self.models = self.caches[options.model]  # the default model
-        self.results = ResultStore(options.results_dir, options.results_keep)
+        # A vqa result's overlay is drawn when a client downloads it (the Slicer module never does).
+        self.results = ResultStore(options.results_dir, options.results_keep,
+                                   drawn={"overlay.png": Drawn(OVERLAY_SOURCE, draw_overlay)})
         self.registrations = RegistrationCache(keep=16)
         _sweep_stale_uploads(options.state_dir / "uploads")
         # One thread does all model work: torch keeps the cores busy on its own, and CAM hooks on

@@ -1,7 +1,10 @@
 """The ``vqa`` task: a question about one patient-plane slice of the volume, answered and explained.
 
 It calls :func:`xai_core.ask.ask` and writes its parts with :func:`xai_core.ask.write_answer` into the
-result folder (``answer.json``, ``saliency.nii.gz``, ``tokens.json``, ``overlay.png``). The reply's
+result folder (``answer.json``, ``saliency.nii.gz``, ``tokens.json``). ``overlay.png`` is listed among
+the artifacts but drawn only when a client downloads it (:func:`xai_core.ask.draw_overlay`, from the
+slice and heatmap kept in the folder): the Slicer module never downloads it, and drawing it with every
+answer cost ~0.65 s on 2 CPU cores. The reply's
 JSON is the :class:`~xai_core.schema.VQAAnswer` with the result id and artifact URLs; its one file is
 the float32 heatmap on the input grid (the map on the slice's one-voxel slab, zero elsewhere), as the
 explanation tasks return theirs. With ``method: none`` the reply is JSON only.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from xai_core.ask import METHODS, AskError, ask, check_request, write_answer
+from xai_core.ask import METHODS, AskError, ask, check_request, write_answer, write_overlay_source
 from xai_core.explain import get_explainer
 from xai_core.explain.base import check_method_params
 from xai_core.schema import VQAAnswer
@@ -76,12 +79,13 @@ class VQATask(XAIInferTask):
         model = self.cache.get()
         try:
             res = ask(data[IMAGE_KEY], question, plane=plane, slice_mm=slice_mm, method=method, model=model,
-                      method_kwargs=kwargs, progress=progress, settings=self.runtime.settings)
+                      method_kwargs=kwargs, overlay=False, progress=progress, settings=self.runtime.settings)
         except AskError as e:  # the request does not fit this volume (a slice outside it): the client's
             raise BadInput(str(e)) from None
         progress("write", 0.9)
         result_id, folder = self.runtime.results.create()
         write_answer(res, folder)
+        write_overlay_source(res, folder)  # the overlay is drawn from it on its first download
         # The answer's own server fields are empty (it was made outside a request): the request's win.
         result = {**res.answer.model_dump(mode="json", exclude={"files"}), **self.base_json(data, result_id)}
         self.finish(data, result_id, VQAAnswer.model_validate(result).model_dump(mode="json"),
