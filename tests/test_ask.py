@@ -190,6 +190,31 @@ def test_the_overlay_is_drawn_only_when_asked_and_drawn_later_is_the_same_pictur
     assert ask_mod.draw_overlay(tmp_path / "not_a_vqa_result") is None
 
 
+def test_explainer_defaults_come_from_the_settings_passed_in(oblique, model, monkeypatch):
+    from xai_core.ask import ask
+    from xai_core.settings import Settings
+
+    assert (Settings().vqa_relig_n_samples, Settings().vqa_relig_n_steps, Settings().vqa_ig_n_steps) == (8, 16, 32)
+    passed = []
+    real = model.explainer
+    monkeypatch.setattr(model, "explainer", lambda method, **kw: passed.append((method, kw)) or real(method, **kw))
+    small = Settings(vqa_relig_n_samples=1, vqa_relig_n_steps=3, vqa_ig_n_steps=5)
+    res = ask(oblique, QUESTION, plane="coronal", slice_mm=3.0, method="relig", model=model, overlay=False,
+              settings=small)
+    assert passed[-1] == ("relig", {"n_samples": 1, "n_steps": 3}) and res.answer.params == passed[-1][1]
+    # A request's own parameters still win over the settings.
+    res = ask(oblique, QUESTION, plane="coronal", slice_mm=3.0, method="relig", model=model, overlay=False,
+              settings=small, method_kwargs={"n_steps": 2})
+    assert passed[-1] == ("relig", {"n_samples": 1, "n_steps": 2})
+    # Read from the environment like every other setting.
+    monkeypatch.setenv("XAI_VQA_IG_N_STEPS", "6")
+    res = ask(oblique, QUESTION, plane="coronal", slice_mm=3.0, method="ig", model=model, overlay=False,
+              settings=Settings())
+    assert passed[-1] == ("ig", {"n_steps": 6}) and res.answer.params == {"n_steps": 6}
+    with pytest.raises(ValueError, match="vqa_relig_n_samples"):
+        Settings(vqa_relig_n_samples=0)  # outside the explainer's own bounds
+
+
 def test_method_none_answers_on_the_centre_slice_without_a_heatmap(model, tmp_path):
     from xai_core.ask import ask, write_answer
 

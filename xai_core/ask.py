@@ -43,15 +43,11 @@ from .schema import VQAAnswer
 from .settings import Settings
 from .slices import AXIS_NAMES, PLANES, plane_extent
 
-__all__ = ["AskError", "AskResult", "DEFAULT_MODEL", "DEFAULT_PARAMS", "MAX_QUESTION_CHARS", "METHODS",
-           "OVERLAY_SOURCE", "ask", "check_request", "draw_overlay", "overlay_png", "write_answer",
-           "write_overlay_source"]
+__all__ = ["AskError", "AskResult", "DEFAULT_MODEL", "MAX_QUESTION_CHARS", "METHODS", "OVERLAY_SOURCE", "ask",
+           "check_request", "default_params", "draw_overlay", "overlay_png", "write_answer", "write_overlay_source"]
 
 DEFAULT_MODEL = "brain-vqa"
 METHODS = ("relig", "ig", "none")
-# RE-LIG at 8 noisy samples x 16 steps is the lead's setting for brain-vqa (128 forward+backward passes);
-# IG on the pixels at 32 steps matches the explainer's own default.
-DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"relig": {"n_samples": 8, "n_steps": 16}, "ig": {"n_steps": 32}}
 # The tokenizer truncates long questions anyway; a bound keeps a pasted document from being tokenised
 # and echoed back in every reply.
 MAX_QUESTION_CHARS = 500
@@ -90,6 +86,16 @@ class AskResult:
 
 def _no_progress(stage: str, fraction: float) -> None:
     return None
+
+
+def default_params(method: str, settings: Settings) -> dict[str, Any]:
+    """The explainer parameters of ``method`` that a request does not set: ``settings.vqa_relig_*`` for
+    ``relig``, ``settings.vqa_ig_n_steps`` for ``ig``, none for ``none``."""
+    if method == "relig":
+        return {"n_samples": settings.vqa_relig_n_samples, "n_steps": settings.vqa_relig_n_steps}
+    if method == "ig":
+        return {"n_steps": settings.vqa_ig_n_steps}
+    return {}
 
 
 def check_request(question: Any, plane: Any = "axial", slice_mm: Any = None, method: Any = "relig",
@@ -153,12 +159,14 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
         method: ``relig`` | ``ig`` | ``none``.
         model: a loaded vqa adapter (:class:`~xai_core.models.vqa.VQAModel`); default: load ``model_name``.
         model_name: the model to load when ``model`` is None.
-        method_kwargs: explainer parameters over :data:`DEFAULT_PARAMS` (e.g. ``n_samples``, ``n_steps``).
+        method_kwargs: explainer parameters over :func:`default_params` (e.g. ``n_samples``, ``n_steps``).
         overlay: also render the overlay PNG now (matplotlib; ~0.65 s). The server passes False and
             draws it when a client downloads it (:func:`draw_overlay`).
         progress: ``progress(stage, fraction)`` with stages load, prepare, answer, attribute, render; it
             may raise to stop the call (the server's job cancel).
-        settings: device and weight folders for loading the model (default ``Settings()``).
+        settings: device and weight folders for loading the model, and the explainer parameters a
+            request does not set (``vqa_relig_n_samples``, ``vqa_relig_n_steps``, ``vqa_ig_n_steps``);
+            default ``Settings()``.
 
     Returns:
         An :class:`AskResult`.
@@ -171,6 +179,7 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
     from .pipeline import software_versions
 
     progress = progress or _no_progress
+    settings = settings or Settings()
     question, plane, slice_mm, method = check_request(question, plane, slice_mm, method, image)
     timings: dict[str, float] = {}
     progress("load", 0.0)
@@ -178,7 +187,7 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
     if model is None:  # timed only when loaded here (a caller's model was loaded before the call)
         from .models import load
 
-        model = load(model_name, settings=settings or Settings())
+        model = load(model_name, settings=settings)
         timings["load"] = round(time.perf_counter() - t, 4)
     if getattr(model, "kind", None) != "vqa":
         raise AskError(f"model {model.card.name!r} is a {model.kind!r} model; asking needs a vqa model "
@@ -209,7 +218,7 @@ def ask(image: Image, question: str, *, plane: str = "axial", slice_mm: float | 
     if method != "none":
         cls = get_explainer(method)
         title = cls.title
-        params = {**DEFAULT_PARAMS.get(method, {}), **(method_kwargs or {})}
+        params = {**default_params(method, settings), **(method_kwargs or {})}
         progress("attribute", 0.3)
         t = time.perf_counter()
         try:

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     # Drafted report (xai_core.report).
     report_llm_max_new_tokens: int = Field(160, description="tokens an LLM may generate for the impression")
 
+    # Asking (xai_core.ask: `xai ask`, the server's vqa task): explainer parameters a request does not set.
+    # RE-LIG at 8 noisy samples x 16 steps is the lead's setting for brain-vqa (128 forward+backward
+    # passes); IG on the pixels at 32 steps matches the explainer's own default. The bounds are the
+    # explainers' own (param_bounds), so that a bad environment value fails here, not in a request.
+    vqa_relig_n_samples: int = Field(8, ge=1, le=64, description="RE-LIG noisy samples per answer")
+    vqa_relig_n_steps: int = Field(16, ge=2, le=128, description="RE-LIG path steps per noisy sample")
+    vqa_ig_n_steps: int = Field(32, ge=2, le=256, description="integrated-gradients path steps per answer")
+
     # Explanation server (monai_app); a MONAI Label `--conf token ...` / `--conf max_upload_mb ...` wins.
     token: str = Field("", description="bearer token every server route requires (XAI_TOKEN); empty = no auth")
     max_upload_mb: float = Field(512.0, description="largest request body the server accepts, MiB")
