@@ -55,9 +55,7 @@ def model(weights):
 @pytest.fixture(scope="module")
 def oblique() -> Image:
     """A head-like volume, anisotropic voxels, direction rotated 25 degrees about (1, 2, 3)."""
-    image, _ = su.synthetic_study((20, 24, 22), (2.5, 2.0, 3.0), (-20.0, -24.0, -30.0), su.rotation((1, 2, 3), 25),
-                                  seed=1)
-    return image
+    return vt.oblique_volume(seed=1)
 
 
 @pytest.fixture

@@ -48,9 +48,7 @@ def server(tmp_path_factory):
     env = su.tiny_server_env(root)  # the classifier only: no vqa weights yet
     src = root / "src"
     src.mkdir()
-    image, _ = su.synthetic_study((20, 24, 22), (2.5, 2.0, 3.0), (-20.0, -24.0, -30.0), su.rotation((1, 2, 3), 25),
-                                  seed=4)
-    write_image(image, src / "case.nii.gz")
+    write_image(vt.oblique_volume(seed=4), src / "case.nii.gz")
     # A generous start-up bound: on a loaded 2-core machine importing MONAI Label alone can take minutes.
     with su.running_server(src, root / "datastore", root / "server.log", env, timeout=900) as srv:
         srv.shipped = Path(env["XAI_WEIGHTS_DIR"])
