@@ -114,6 +114,17 @@ def test_the_servers_schema_is_compared_field_by_field():
     problems = schema.server_schema_problems(served)
     assert [p.split(" (")[0] for p in problems] == ["mask.levels_percent is not in the server's schema",
                                                     "findings.location.structures[].lobe is not in the server's schema"]
+    # A 2.0 server from before the vqa task has no vqa reply (and sends none): nothing to warn about;
+    # a vqa reply without a field the module reads is a problem.
+    older = copy.deepcopy(schema.load_schema())
+    del older["properties"]["vqa"]
+    assert schema.server_schema_problems(older) == []
+    newer = copy.deepcopy(schema.load_schema())
+    del newer["$defs"]["VQAAnswer"]["properties"]["confidence"]
+    assert [p.split(" (")[0] for p in schema.server_schema_problems(newer)] == [
+        "confidence is not in the server's schema"]
+    del older["properties"]["explanation"]
+    assert schema.server_schema_problems(older) == ["the server's schema has no explanation reply"]
     assert schema.server_schema_problems({"version": "3.1", "properties": {}}) == [
         "the server's result schema is 3.1, the module reads 2.0"]
     assert schema.server_schema_problems([]) == ["the server's schema is not a result schema document"]

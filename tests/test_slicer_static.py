@@ -255,8 +255,7 @@ def test_the_library_reads_replies_only_through_schema_paths():
     assert len(used) >= 35, sorted(used)
     for name in ("report.py", "scene.py"):
         tree = ast.parse((LIB_DIR / name).read_text())
-        # A question's answer (vqa) is outside the result schema: no server task sends one yet.
-        functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and not f.name.startswith("answer")]
+        functions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)]
         for node in (n for f in functions for n in ast.walk(f)):
             target = None
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":

@@ -123,7 +123,7 @@ def logic_and_scene(server):
     # The server's own schema (GET /xai/schema) has every field of an answer the module reads.
     served = client.result_schema()
     assert served is not None and "vqa" in served["properties"], "the server serves no vqa reply schema"
-    for path in report.ANSWER_READS:
+    for path in lib_schema.READS["vqa"]:
         lib_schema.field_schema(path, "vqa", served)
     try:
         yield module, logic, xs, schema_problems

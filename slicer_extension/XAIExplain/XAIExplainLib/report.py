@@ -17,11 +17,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import schema as _schema
 from .schema import ReplyError, get, items, require_reply
 
 __all__ = [
-    "ANSWER_READS",
     "FINDINGS_COLUMNS",
     "answer_check",
     "answer_html",
@@ -366,23 +364,10 @@ def markdown_html(md: str) -> str:
 
 # --------------------------------------------------------------------------------- questions (vqa)
 #
-# The ``vqa`` task's reply is the schema's ``vqa`` reply type (``VQAAnswer``). :data:`ANSWER_READS`
-# names every field read here, the way :data:`.schema.READS` does for explanations, and
-# :func:`_answer_field` reads a reply only through those paths. (They belong in ``schema.READS["vqa"]``;
-# until that is there they are kept here, and :func:`answer_check` checks them with the schema
-# module's own field look-up and type test, against the same bundled schema copy.)
+# The ``vqa`` task's reply is the schema's ``vqa`` reply type (``VQAAnswer``); every field read here is
+# in ``schema.READS["vqa"]`` and read through :func:`.schema.get` / :func:`.schema.items`, as for
+# explanations.
 
-#: Every path of a ``vqa`` reply this module reads.
-ANSWER_READS: tuple[str, ...] = (
-    "schema_version", "result_id", "question", "answer", "answer_type", "confidence",
-    "top", "top[].answer", "top[].probability",
-    "tokens", "tokens[].token", "tokens[].score",
-    "method", "method_title", "artifacts",
-    "slice", "slice.plane", "slice.axis", "slice.position_mm", "slice.thickness_mm",
-    "saliency", "saliency.flat",
-    "model", "model.name", "model.version",
-)
-_ANSWER_KIND = "vqa"
 #: Tokenizer markers: shown with their scores, never picked as the strongest question words.
 SPECIAL_TOKENS = frozenset({"[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"})
 #: A token counts as one of the strongest when its |score| is at least this share of the largest.
@@ -390,64 +375,20 @@ STRONG_SHARE = 0.5
 _METHOD_TITLES = {"relig": "RE-LIG", "ig": "integrated gradients", "none": "none"}
 
 
-def _answer_field(obj: Any, path: str, default: Any = None) -> Any:
-    """The value at ``path`` (an :data:`ANSWER_READS` entry; relative to the array item for a path
-    through ``[]``); ``default`` when absent or null."""
-    if path not in ANSWER_READS:
-        raise KeyError(f"{path!r} is not in report.ANSWER_READS")
-    for step in path.rsplit("[].", 1)[-1].split("."):
-        if not isinstance(obj, Mapping):
-            return default
-        obj = obj.get(step)
-    return default if obj is None else obj
-
-
-def _answer_items(obj: Any, path: str) -> list[Mapping[str, Any]]:
-    value = _answer_field(obj, path)
-    return [v for v in value if isinstance(v, Mapping)] if isinstance(value, list | tuple) else []
-
-
 def answer_check(result: Any) -> Mapping[str, Any]:
-    """The ``vqa`` reply when every field of :data:`ANSWER_READS` follows the bundled schema's ``vqa``
+    """The ``vqa`` reply when every field of ``schema.READS["vqa"]`` follows the bundled schema's ``vqa``
     reply (required ones present; present ones of the schema's type and enum); else :class:`ReplyError`
     listing every problem. A module whose schema copy has no ``vqa`` reply says so."""
-    if not isinstance(result, Mapping):
-        raise ReplyError([f"the reply is {_schema._describe(result)}, not a JSON object"], _ANSWER_KIND)
-    if _ANSWER_KIND not in _schema.load_schema().get("properties", {}):
-        raise ReplyError([f"this module's result schema ({_schema.schema_version()}) has no {_ANSWER_KIND} reply"],
-                         _ANSWER_KIND)
-    problems = []
-    version = result.get("schema_version")
-    if isinstance(version, str) and version.split(".")[0] != _schema.schema_version().split(".")[0]:
-        problems.append(f"schema_version is {version}, the module reads {_schema.schema_version()}")
-    for path in ANSWER_READS:
-        try:
-            node, required = _schema.field_schema(path, _ANSWER_KIND)
-        except KeyError as e:
-            problems.append(f"{path} is not in this module's schema ({e.args[0] if e.args else e})")
-            continue
-        *parents, leaf = _schema._steps(path)
-        for label, value in _schema._walk(result, parents):
-            if not isinstance(value, Mapping):
-                continue
-            where = f"{label}.{leaf}" if label else leaf
-            if leaf not in value:
-                if required:
-                    problems.append(f"{where} is missing")
-            elif not _schema._fits(value[leaf], node):
-                problems.append(f"{where} should be {_schema._expected(node)}, not {_schema._describe(value[leaf])}")
-    if problems:
-        raise ReplyError(problems, _ANSWER_KIND)
-    return result
+    return require_reply(result, "vqa")
 
 
 def answer_text(result: Mapping[str, Any]) -> str:
     """The answer in one line: "yes (confidence 0.83)"; lenient (no schema check): also for a reply
     that failed :func:`answer_check`, so that the user still reads what the server said."""
-    ans = _answer_field(result, "answer")
+    ans = get(result, "answer")
     if not isinstance(ans, str) or not ans:
         return "The server gave no answer."
-    conf = _answer_field(result, "confidence")
+    conf = get(result, "confidence")
     return ans + (f" (confidence {conf:.2f})" if isinstance(conf, int | float) else "")
 
 
@@ -457,15 +398,15 @@ def answer_html(result: Mapping[str, Any]) -> str:
 
 def answer_title(result: Mapping[str, Any], most: int = 40) -> str:
     """Node name of an answer's heatmap: "XAI answer RE-LIG: Is there a lesion?" (question cut at ``most``)."""
-    question = str(_answer_field(result, "question", ""))
+    question = str(get(result, "question", ""))
     short = question if len(question) <= most else question[:most - 1].rstrip() + "…"
     return f"XAI answer {_answer_method(result)}: {short}"
 
 
 def answer_top(result: Mapping[str, Any]) -> list[tuple[str, float]]:
     """The server's most probable answers with their probabilities, most probable first."""
-    return [(str(_answer_field(t, "top[].answer", "")), float(_answer_field(t, "top[].probability", 0.0)))
-            for t in _answer_items(result, "top")]
+    return [(str(get(t, "top[].answer", "")), float(get(t, "top[].probability", 0.0)))
+            for t in items(result, "top")]
 
 
 def answer_tokens(result: Mapping[str, Any]) -> list[tuple[str, float, bool]]:
@@ -474,49 +415,49 @@ def answer_tokens(result: Mapping[str, Any]) -> list[tuple[str, float, bool]]:
     ``strongest`` marks the tokens whose |score| is at least :data:`STRONG_SHARE` of the largest
     |score| among the question's words (tokenizer markers such as ``[CLS]`` are listed but never
     marked). Empty when the method did not attribute the question (``ig``, ``none``)."""
-    toks = [(str(_answer_field(t, "tokens[].token", "")), float(_answer_field(t, "tokens[].score", 0.0)))
-            for t in _answer_items(result, "tokens")]
+    toks = [(str(get(t, "tokens[].token", "")), float(get(t, "tokens[].score", 0.0)))
+            for t in items(result, "tokens")]
     top = max((abs(s) for t, s in toks if t not in SPECIAL_TOKENS), default=0.0)
     return [(t, s, top > 0 and t not in SPECIAL_TOKENS and abs(s) >= STRONG_SHARE * top) for t, s in toks]
 
 
 def _answer_method(result: Mapping[str, Any]) -> str:
-    method = _answer_field(result, "method", "none")
-    return str(_answer_field(result, "method_title") or _METHOD_TITLES.get(method, method))
+    method = get(result, "method", "none")
+    return str(get(result, "method_title") or _METHOD_TITLES.get(method, method))
 
 
 def answer_slice_line(result: Mapping[str, Any]) -> str:
     """"Slice: axial at S = 12.5 mm (LPS), 1.0 mm thick": the slice the server answered about."""
-    plane = _answer_field(result, "slice.plane", "?")
-    axis = _answer_field(result, "slice.axis", "?")
-    pos = _answer_field(result, "slice.position_mm")
-    thick = _answer_field(result, "slice.thickness_mm")
+    plane = get(result, "slice.plane", "?")
+    axis = get(result, "slice.axis", "?")
+    pos = get(result, "slice.position_mm")
+    thick = get(result, "slice.thickness_mm")
     where = f" at {axis} = {float(pos):.1f} mm (LPS)" if isinstance(pos, int | float) else ""
     return f"Slice: {plane}{where}" + (f", {float(thick):.2g} mm thick" if isinstance(thick, int | float) else "")
 
 
 def _answer_heatmap_line(result: Mapping[str, Any]) -> str:
-    if _answer_field(result, "method") == "none":
+    if get(result, "method") == "none":
         return "Heatmap: none (method none: the answer only)"
-    if _answer_field(result, "saliency.flat"):
+    if get(result, "saliency.flat"):
         return f"Heatmap: {_answer_method(result)} gave a flat map (all zeros): no part of the slice stands out"
     return f"Heatmap: {_answer_method(result)} relevance on the slice asked about"
 
 
 def _answer_tokens_note(result: Mapping[str, Any]) -> str:
     return (f"the question was not attributed ({_answer_method(result)} explains the image only)"
-            if _answer_field(result, "method") != "none" else "the question was not attributed (method none)")
+            if get(result, "method") != "none" else "the question was not attributed (method none)")
 
 
 def _answer_model_line(result: Mapping[str, Any]) -> str:
-    return f"Model: {_answer_field(result, 'model.name', '?')} {_answer_field(result, 'model.version', '')}".rstrip()
+    return f"Model: {get(result, 'model.name', '?')} {get(result, 'model.version', '')}".rstrip()
 
 
 def answer_summary_text(result: Mapping[str, Any]) -> str:
     """Plain text of a ``vqa`` reply: answer and confidence, question, slice, the top answers, the
     question's token attributions (strongest in ``**``), heatmap, model."""
     lines = [f"Answer: {answer_text(result)}",
-             f"Question: {_answer_field(result, 'question', '')}", answer_slice_line(result)]
+             f"Question: {get(result, 'question', '')}", answer_slice_line(result)]
     top = answer_top(result)
     if top:
         lines += ["Top answers:", *[f"  {a:<24} {p:.3f}" for a, p in top]]
@@ -541,12 +482,12 @@ def answer_summary_html(result: Mapping[str, Any]) -> str:
     """:func:`answer_summary_text` as Qt rich text. Each question token is shaded by its score (red
     towards the answer, blue away) with its score under the mouse; the strongest are bold. Server text
     is escaped everywhere."""
-    out = [f"<p><b>Answer: {_e(_answer_field(result, 'answer', '?'))}</b>"
-           + (f" (confidence {float(_answer_field(result, 'confidence')):.2f})"
-              if isinstance(_answer_field(result, "confidence"), int | float) else "")
-           + (f" <small>{_e(str(_answer_field(result, 'answer_type')).lower())} question</small>"
-              if _answer_field(result, "answer_type") else "") + "</p>",
-           f"<p>Question: <i>{_e(_answer_field(result, 'question', ''))}</i><br/>{_e(answer_slice_line(result))}</p>"]
+    out = [f"<p><b>Answer: {_e(get(result, 'answer', '?'))}</b>"
+           + (f" (confidence {float(get(result, 'confidence')):.2f})"
+              if isinstance(get(result, "confidence"), int | float) else "")
+           + (f" <small>{_e(str(get(result, 'answer_type')).lower())} question</small>"
+              if get(result, "answer_type") else "") + "</p>",
+           f"<p>Question: <i>{_e(get(result, 'question', ''))}</i><br/>{_e(answer_slice_line(result))}</p>"]
     top = answer_top(result)
     if top:
         out.append("<table cellspacing='2'><tr><th align='left'>answer</th><th align='right'>p</th><th></th></tr>")

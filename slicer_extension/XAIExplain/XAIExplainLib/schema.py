@@ -22,8 +22,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-__all__ = ["READS", "ReplyError", "SCHEMA_PATH", "check_reply", "field_schema", "get", "items", "load_schema",
-           "require_reply", "schema_version", "server_schema_problems"]
+__all__ = ["OPTIONAL_KINDS", "READS", "ReplyError", "SCHEMA_PATH", "check_reply", "field_schema", "get", "items",
+           "load_schema", "require_reply", "schema_version", "server_schema_problems"]
 
 # Installed next to the other resources of the scripted-modules folder (shared by every module there,
 # hence a name of its own); the same layout as in the source tree.
@@ -54,7 +54,20 @@ READS: dict[str, tuple[str, ...]] = {
         "saliency.evidence.cases", "saliency.evidence.cases[].case", "saliency.evidence.cases[].label",
         "saliency.evidence.cases[].weight",
     ),
+    # The answer of the server's vqa task (report.answer_*).
+    "vqa": (
+        "schema_version", "result_id", "question", "answer", "answer_type", "confidence",
+        "top", "top[].answer", "top[].probability",
+        "tokens", "tokens[].token", "tokens[].score",
+        "method", "method_title", "artifacts",
+        "slice", "slice.plane", "slice.axis", "slice.position_mm", "slice.thickness_mm",
+        "saliency", "saliency.flat",
+        "model", "model.name", "model.version",
+    ),
 }
+#: Reply types a server of the same major schema version may lack: 2.0 servers from before the vqa
+#: task have no vqa reply, and send none, so a schema without it hides nothing the module reads.
+OPTIONAL_KINDS = frozenset({"vqa"})
 _ALL_READS = frozenset(p for paths in READS.values() for p in paths)
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
     "string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "object": (Mapping,),
@@ -157,7 +170,8 @@ def server_schema_problems(server_schema: Any) -> list[str]:
     problems = []
     for kind, paths in READS.items():
         if kind not in server_schema["properties"]:
-            problems.append(f"the server's schema has no {kind} reply")
+            if kind not in OPTIONAL_KINDS:
+                problems.append(f"the server's schema has no {kind} reply")
             continue
         for path in paths:
             try:
@@ -214,9 +228,12 @@ def check_reply(reply: Any, kind: str = "explanation") -> list[str]:
     """Problems of ``reply`` against the bundled schema, for every field in ``READS[kind]``; [] when fine.
 
     A required field that is missing, a field of another type or outside its enum, and a reply of
-    another major schema version are problems; optional fields may be absent or null."""
+    another major schema version are problems; optional fields may be absent or null. A bundled
+    schema without reply type ``kind`` is one problem (this module cannot check such replies)."""
     if not isinstance(reply, Mapping):
         return [f"the reply is {_describe(reply)}, not a JSON object"]
+    if kind not in load_schema().get("properties", {}):
+        return [f"this module's result schema ({schema_version()}) has no {kind} reply"]
     problems = []
     version = reply.get("schema_version")
     if isinstance(version, str) and version.split(".")[0] != schema_version().split(".")[0]:
