@@ -25,6 +25,8 @@ from lib.trainers.finetune import (  # noqa: E402
     FinetuneSettings,
     dice_per_sample,
     finetune,
+    overlaps,
+    pooled_dice,
     split_holdout,
     split_kfold,
     to_sample,
@@ -247,6 +249,33 @@ def test_splits_are_disjoint_and_cover_every_label():
     assert len(split_kfold(3, cfg)) == 3
     with pytest.raises(ValueError, match="at least 2"):
         finetune(None, [object()], cfg)  # type: ignore[arg-type]
+
+
+def test_splits_hold_out_a_lesion_label_whenever_two_exist():
+    """Lesion-free labels alone would make a validation set that scores every epoch alike."""
+    positive = [i in (3, 8) for i in range(10)]  # 2 lesion labels of 10, as a weak condition's pool may give
+    for seed in range(20):
+        cfg = replace(FinetuneSettings(), seed=seed)
+        tr, va = split_holdout(10, cfg, positive)
+        assert sorted(tr + va) == list(range(10)) and len(va) == 3
+        assert any(positive[i] for i in va) and any(positive[i] for i in tr), (seed, tr, va)
+        folds = split_kfold(10, replace(cfg, folds=2), positive)
+        assert all(sum(positive[i] for i in f) == 1 for f in folds), folds  # one lesion label per fold
+    with pytest.raises(ValueError, match="lesion flags"):
+        split_holdout(4, FinetuneSettings(), [True, False])
+
+
+def test_validation_dice_is_pooled_over_the_labels(base):
+    """A lesion-free label with a few false voxels costs those voxels, not a whole study's Dice."""
+    assert pooled_dice([(90, 100, 100), (0, 10, 0)]) == pytest.approx(180 / 210)
+    assert pooled_dice([(0, 0, 0), (0, 0, 0)]) == 1.0 and pooled_dice([(0, 5, 0)]) == 0.0
+    # The per-study mean would be (0.9 + 0.0) / 2 = 0.45 for the same two labels.
+    with_lesion = samples_of(base, "plain", range(941, 943))  # 940 would be lesion-free
+    counts = overlaps(base.net, with_lesion, torch.device("cpu"))
+    per_study = dice_per_sample(base.net, with_lesion, torch.device("cpu"))
+    for (inter, pred, truth), d in zip(counts, per_study, strict=True):
+        assert truth > 0 and 2 * inter / (pred + truth) == pytest.approx(d)
+    assert min(per_study) - 1e-9 <= pooled_dice(counts) <= max(per_study) + 1e-9
 
 
 def test_head_only_leaves_encoder_and_classification_unchanged(base):

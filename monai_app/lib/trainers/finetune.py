@@ -204,14 +204,40 @@ def dice_per_sample(net: torch.nn.Module, samples: Sequence[Sample], device: tor
     return out
 
 
+def overlaps(net: torch.nn.Module, samples: Sequence[Sample], device: torch.device,
+             batch: int = 4) -> list[tuple[int, int, int]]:
+    """``(|pred and truth|, |pred|, |truth|)`` voxel counts of each sample (argmax of the head, model grid)."""
+    net.eval()
+    out = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        x = torch.stack([s.x for s in chunk]).to(device)
+        seg = net(x).seg_logits.argmax(1).cpu().numpy().astype(bool)
+        for p, s in zip(seg, chunk, strict=True):
+            t = s.m.numpy().astype(bool)
+            out.append((int(np.logical_and(p, t).sum()), int(p.sum()), int(t.sum())))
+    return out
+
+
+def pooled_dice(counts: Sequence[tuple[int, int, int]]) -> float:
+    """Dice of the validation labels taken together, ``2 sum|P and T| / sum(|P| + |T|)`` (1.0 when
+    nothing is predicted or labelled). The mean of per-study Dice scores a lesion-free label 1 or 0 on
+    a single false voxel: with the 1-3 validation labels a fine-tune has, that step dominates the
+    curve (a weak condition's curve sat at 0.0 and early stopping ended every run at epoch 1; the
+    pooled figure moves with every voxel)."""
+    inter = sum(c[0] for c in counts)
+    total = sum(c[1] + c[2] for c in counts)
+    return 1.0 if total == 0 else 2.0 * inter / total
+
+
 @dataclass
 class FitResult:
     """One training run: the weights kept, where validation peaked, the curve."""
 
     state: dict[str, torch.Tensor]
     best_epoch: int
-    before: list[float]  # per validation sample, base weights
-    after: list[float]  # per validation sample, kept weights
+    before: list[tuple[int, int, int]]  # per validation sample, base weights (:func:`overlaps`)
+    after: list[tuple[int, int, int]]  # per validation sample, kept weights
     curve: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
 
@@ -261,8 +287,9 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
     seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, squared_pred=True)
     g = torch.Generator().manual_seed(cfg.seed)
 
-    before = dice_per_sample(base, val, device) if val else []
-    curve: list[dict[str, Any]] = [{"epoch": 0, "train_loss": None, "val_dice": round(_mean(before), 5)}] if val else []
+    before = overlaps(base, val, device) if val else []
+    curve: list[dict[str, Any]] = ([{"epoch": 0, "train_loss": None, "val_dice": round(pooled_dice(before), 5)}]
+                                   if val else [])
     if progress:
         progress({"epoch": 0, "epochs": n_epochs, "curve": curve})
     best_state, best_epoch, best, best_per = None, 0, -math.inf, before
@@ -327,10 +354,10 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         if diverged:
             rec["diverged"] = True
         if val:
-            per = dice_per_sample(net, val, device)
-            rec["val_dice"] = round(_mean(per), 5)
-            if _mean(per) > best + 1e-6:
-                best, best_epoch, best_per = _mean(per), epoch, per
+            per = overlaps(net, val, device)
+            rec["val_dice"] = round(pooled_dice(per), 5)
+            if pooled_dice(per) > best + 1e-6:
+                best, best_epoch, best_per = pooled_dice(per), epoch, per
                 best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         curve.append(rec)
         if progress:
@@ -354,18 +381,51 @@ def _seg_term(seg_loss, out, m: torch.Tensor, part: slice, deep_sup: bool, cfg: 
     return loss
 
 
-def split_holdout(n: int, cfg: FinetuneSettings) -> tuple[list[int], list[int]]:
-    """``(train, val)`` indices: a seeded shuffle, ``ceil(val_fraction * n)`` held out (1 at least,
-    n - 1 at most)."""
-    perm = np.random.default_rng(cfg.seed).permutation(n).tolist()
+def _stratified_order(n: int, cfg: FinetuneSettings, positive: Sequence[bool] | None) -> list[int]:
+    """A seeded shuffle of ``range(n)``; with ``positive`` (a lesion in the label), the lesion labels
+    and the lesion-free ones shuffled apart and interleaved in proportion, so that any slice of the
+    order (a validation set, a fold) holds its share of both."""
+    rng = np.random.default_rng(cfg.seed)
+    if positive is None:
+        return rng.permutation(n).tolist()
+    if len(positive) != n:
+        raise ValueError(f"{len(positive)} lesion flags for {n} labels")
+    groups = [[i for i in range(n) if bool(positive[i]) == flag] for flag in (True, False)]
+    keyed = []
+    for group in groups:
+        order = [group[j] for j in rng.permutation(len(group))]
+        # Position in (0, 1) within its group: merging by it spreads each group evenly.
+        keyed += [((r + 0.5) / len(order), -len(order), i) for r, i in enumerate(order)]
+    return [i for *_, i in sorted(keyed)]
+
+
+def split_holdout(n: int, cfg: FinetuneSettings,
+                  positive: Sequence[bool] | None = None) -> tuple[list[int], list[int]]:
+    """``(train, val)`` indices: ``ceil(val_fraction * n)`` held out (1 at least, n - 1 at most), from a
+    seeded shuffle stratified by ``positive`` (lesion or not). A validation set of lesion-free labels
+    alone scores every epoch alike (Dice 0 as soon as one false voxel appears), so with at least two
+    lesion labels one of them is always held out, and one always trains."""
+    order = _stratified_order(n, cfg, positive)
     n_val = min(max(1, math.ceil(cfg.val_fraction * n)), n - 1)
-    return sorted(perm[n_val:]), sorted(perm[:n_val])
+    va = order[:n_val]
+    if positive is not None and sum(map(bool, positive)) >= 2 and not any(positive[i] for i in va):
+        first = next(i for i in order if positive[i])
+        va = [first, *[i for i in va if i != first]][:n_val]
+    tr = [i for i in range(n) if i not in va]
+    return sorted(tr), sorted(va)
 
 
-def split_kfold(n: int, cfg: FinetuneSettings) -> list[list[int]]:
-    """``min(folds, n)`` validation folds of a seeded shuffle, sizes differing by at most one."""
-    perm = np.random.default_rng(cfg.seed).permutation(n).tolist()
+def split_kfold(n: int, cfg: FinetuneSettings, positive: Sequence[bool] | None = None) -> list[list[int]]:
+    """``min(folds, n)`` validation folds of a seeded shuffle, sizes differing by at most one; with
+    ``positive``, the lesion labels are dealt across the folds first (stratified)."""
+    rng = np.random.default_rng(cfg.seed)
     k = min(cfg.folds, n)
+    if positive is None:
+        perm = rng.permutation(n).tolist()
+    else:
+        pos = [i for i in range(n) if positive[i]]
+        neg = [i for i in range(n) if not positive[i]]
+        perm = [pos[j] for j in rng.permutation(len(pos))] + [neg[j] for j in rng.permutation(len(neg))]
     return [sorted(perm[i::k]) for i in range(k)]
 
 
@@ -410,7 +470,8 @@ class FinetuneOutcome:
 
     def validation(self) -> dict[str, Any]:
         """The card's and the status's ``validation`` block."""
-        return {"scheme": self.scheme, "grid": "model", "metric": "mean lesion Dice (segmentation head)",
+        return {"scheme": self.scheme, "grid": "model",
+                "metric": "lesion Dice pooled over the validation labels (segmentation head)",
                 "before": round(self.before, 5), "after": round(self.after, 5),
                 "gain": round(self.after - self.before, 5), "n_labels": self.n_labels,
                 "n_validation": self.n_validation, "images": self.validation_keys, "folds": self.folds,
@@ -447,6 +508,7 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         return report
 
     n_replay = len(replay) if cfg.replay_per_batch else 0
+    positive = [bool(smp.m.any()) for smp in samples]
 
     def guard(outcome: FinetuneOutcome, state: dict[str, torch.Tensor] | None) -> FinetuneOutcome:
         """Both conditions of publishing: better on the labels, and (with ``replay_check``) the
@@ -469,16 +531,16 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         return outcome
 
     if scheme == "holdout":
-        tr, va = split_holdout(n, cfg)
+        tr, va = split_holdout(n, cfg, positive)
         r = fit(model, [samples[i] for i in tr], [samples[i] for i in va], cfg,
                 progress=reporter("train", 0.0, 1.0), should_stop=should_stop, replay=replay)
-        before, after = _mean(r.before), _mean(r.after)
+        before, after = pooled_dice(r.before), pooled_dice(r.after)
         better = after > before + cfg.min_improvement
         out = FinetuneOutcome(better, before, after, "holdout", n, len(va), None, r.curve,
                               [], r.best_epoch, 0.0, [samples[i].key for i in va])
         return guard(out, r.state)
 
-    folds = split_kfold(n, cfg)
+    folds = split_kfold(n, cfg, positive)
     k = len(folds)
     per_before, per_after, fold_info, best_epochs = [], [], [], []
     curve: list[dict[str, Any]] = []
@@ -490,10 +552,11 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         per_before += r.before
         per_after += r.after
         best_epochs.append(r.best_epoch)
-        fold_info.append({"fold": f + 1, "images": [samples[i].key for i in va], "before": round(_mean(r.before), 5),
-                          "after": round(_mean(r.after), 5), "best_epoch": r.best_epoch, "curve": r.curve})
+        fold_info.append({"fold": f + 1, "images": [samples[i].key for i in va],
+                          "before": round(pooled_dice(r.before), 5), "after": round(pooled_dice(r.after), 5),
+                          "best_epoch": r.best_epoch, "curve": r.curve})
         curve += [{**c, "fold": f + 1} for c in r.curve]
-    before, after = _mean(per_before), _mean(per_after)
+    before, after = pooled_dice(per_before), pooled_dice(per_after)
     better = after > before + cfg.min_improvement
     final_epochs = max(1, round(statistics.median(best_epochs)))
     state = None
