@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=Path, default=DATA / "val")
     ap.add_argument("--replay-n", type=int, default=16)
     ap.add_argument("--check-n", type=int, default=8)
+    ap.add_argument("--condition", default="skull-on T1", help="name of the weak condition (table, plot)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "al")
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 5, 10, 20])
     ap.add_argument("--strategies", nargs="+", default=["least_sure", "random"], choices=["least_sure", "random"])
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if summary and (summary.get("settings") != cfg.as_dict() or summary.get("pool_n") != len(pool)):
         raise SystemExit(f"{out_json} holds rows of other settings or another pool: move it away")
-    summary.update(model=f"{model.card.name}@{model.card.version}", condition="skull-on T1", settings=cfg.as_dict(),
+    summary.update(model=f"{model.card.name}@{model.card.version}", condition=args.condition, settings=cfg.as_dict(),
                    pool_n=len(pool), data={k: str(getattr(args, k)) for k in ("pool", "heldout", "original", "replay")},
                    n={"pool": len(pool), "heldout_lesion": sum(bool(s.m.any()) for s in held),
                       "original_lesion": sum(bool(s.m.any()) for s in orig), "replay": len(replay),
@@ -205,8 +206,9 @@ def table(rows: list[dict], summary: dict) -> str:
     pub: dict[tuple[str, int], list[bool]] = {}
     for r in rows:
         pub.setdefault((r["strategy"], r["labels"]), []).append(bool(r["published"]))
-    lines = ["| strategy | labels | runs | published | Dice, held-out skull-on T1 | Dice, original condition "
-             "| judged weights: skull-on / original |", "|---|---|---|---|---|---|---|"]
+    weak = summary.get("condition", "skull-on T1")
+    lines = [f"| strategy | labels | runs | published | Dice, held-out {weak} | Dice, original condition "
+             f"| judged weights: {weak} / original |", "|---|---|---|---|---|---|---|"]
     for (strategy, labels), (v, n) in sorted(held.items(), key=lambda t: (t[0][1], t[0][0])):
         c = (f"{cand_h[(strategy, labels)][0]:.3f} / {cand_o[(strategy, labels)][0]:.3f}"
              if (strategy, labels) in cand_h else "-")
@@ -222,7 +224,8 @@ def plot(rows: list[dict], path: Path, summary: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, key, title in ((axes[0], "heldout_dice", "held-out, skull-on T1 (weak)"),
+    weak = summary.get("condition", "skull-on T1")
+    for ax, key, title in ((axes[0], "heldout_dice", f"held-out, {weak} (weak)"),
                            (axes[1], "original_dice", "held-out, skull-off T1 (original)")):
         means = mean_by(rows, key)
         for strategy in sorted({s for s, _ in means}):
