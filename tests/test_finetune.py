@@ -208,7 +208,9 @@ def test_guard_refuses_a_version_that_forgets_the_original_condition(base):
     doc = out.original()
     assert not out.better and out.state is None and out.reason == "forgets the original condition"
     assert doc["drop"] > cfg.max_original_drop and not doc["kept"], doc  # ... but forgets
-    assert doc["before"] == pytest.approx(pooled_dice(overlaps(base.net, check, torch.device("cpu"))), abs=1e-4)
+    lesion = [smp for smp in check if smp.m.any()]
+    assert 0 < len(lesion) < len(check) and doc["n_lesion_studies"] == len(lesion)  # the others are not scored
+    assert doc["before"] == pytest.approx(mean_dice(base.net, lesion), abs=1e-4)
     assert out.validation()["better"] is False and out.candidate is not None
 
 

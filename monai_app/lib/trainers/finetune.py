@@ -451,6 +451,7 @@ class FinetuneOutcome:
     original_before: float | None = None
     original_after: float | None = None
     n_original: int = 0
+    n_original_lesion: int = 0
     n_replay: int = 0
     max_original_drop: float | None = None
     reason: str = ""
@@ -462,10 +463,12 @@ class FinetuneOutcome:
         """The guard's check on the original condition (card and status), or None without one."""
         if self.original_before is None or self.original_after is None:
             return None
-        return {"metric": "lesion Dice (segmentation head) pooled over held-out generated studies of the "
-                          "original condition", "grid": "model", "before": round(self.original_before, 5),
+        return {"metric": "mean lesion Dice (segmentation head) of the lesion studies among held-out "
+                          "generated studies of the original condition", "grid": "model",
+                "before": round(self.original_before, 5),
                 "after": round(self.original_after, 5), "drop": round(self.original_before - self.original_after, 5),
-                "max_drop": self.max_original_drop, "n_studies": self.n_original, "n_replay": self.n_replay,
+                "max_drop": self.max_original_drop, "n_studies": self.n_original,
+                "n_lesion_studies": self.n_original_lesion, "n_replay": self.n_replay,
                 "kept": self.original_before - self.original_after <= (self.max_original_drop or 0.0) + 1e-9}
 
     def validation(self) -> dict[str, Any]:
@@ -518,12 +521,14 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         if replay_check and state is not None and outcome.better:
             tuned = copy.deepcopy(model.net).eval()
             tuned.load_state_dict(state)
-            # Pooled like the validation: the check set's lesion-free studies would otherwise score 1 or
-            # 0 each, and a fine-tune that removed their false voxels "gained" on it while its lesion
-            # Dice on 30 held-out studies of the same condition fell by 0.055 (T2 benchmark).
-            outcome.original_before = pooled_dice(overlaps(model.net, replay_check, model.device))
-            outcome.original_after = pooled_dice(overlaps(tuned, replay_check, model.device))
-            outcome.n_original = len(replay_check)
+            # The mean Dice of the check's lesion studies: the figure the bound is about. With the
+            # lesion-free ones in a per-study mean (each scores 1 or 0), a T2 fine-tune that cleared
+            # their false voxels "gained" while its lesion Dice on 30 held-out studies of the same
+            # condition fell by 0.055; pooled Dice weighs the large lesions and let a 0.057 fall pass.
+            lesion = [smp for smp in replay_check if smp.m.any()] or list(replay_check)
+            outcome.original_before = _mean(dice_per_sample(model.net, lesion, model.device))
+            outcome.original_after = _mean(dice_per_sample(tuned, lesion, model.device))
+            outcome.n_original, outcome.n_original_lesion = len(replay_check), len(lesion)
             outcome.max_original_drop = cfg.max_original_drop
             if outcome.original_before - outcome.original_after > cfg.max_original_drop + 1e-9:
                 outcome.better = False
