@@ -72,14 +72,16 @@ def server(tmp_path_factory):
 def seed_replay_cache(state_dir: Path) -> None:
     """The trainer's rehearsal cache (``<state dir>/replay/original-s<seed>``), filled with the tiny
     model's original condition (plain heads) as ``xai data make-brain`` would fill it with brains:
-    the same studies as ``test_finetune.replay_sets_of`` (16 rehearsed, then 8 for the guard's check)."""
+    the studies of ``test_finetune.replay_sets_of`` (16 rehearsed, then the guard's check), the check
+    filled up to the trainer's default size."""
     from lib.trainers.finetune import FinetuneSettings
     from lib.trainers.seg_head import replay_folder
 
     folder = replay_folder(state_dir, FinetuneSettings())
     (folder / "labels").mkdir(parents=True)
     lines = ["study_id,image,mask"]
-    for seed in [*range(500, 516), *range(600, 608)]:
+    cfg = FinetuneSettings()
+    for seed in [*range(500, 500 + cfg.replay_studies), *range(600, 600 + cfg.replay_check_studies)]:
         image, mask = ft.blob_study(seed, "plain", lesion=seed % 5 != 0)
         write_image(image, folder / f"plain{seed}.nii.gz")
         write_image(mask, folder / "labels" / f"plain{seed}.nii.gz")
@@ -168,12 +170,12 @@ def test_finetune_publishes_a_better_version_and_the_guard_refuses_a_worse_one(s
     assert state["version"] == "0.0.1+ft1"
     # The guard's second condition, in the status and the card: the original condition was kept.
     original = v["original_condition"]
-    assert original["n_studies"] == 8 and original["n_replay"] == 16
+    assert original["n_studies"] == 32 and original["n_replay"] == 16
     assert original["kept"] and original["drop"] <= 0.1 and original["max_drop"] == 0.1, original
     assert original["before"] > 0.5 and original["after"] > 0.5, original
     card = json.loads((server.user_weights / "versions" / "brain-lesion-3d" / "0.0.1+ft1.json").read_text())
     training = card["training"]
-    assert card["metrics"]["original_condition"] == original and training["replay"]["n_check"] == 8
+    assert card["metrics"]["original_condition"] == original and training["replay"]["n_check"] == 32
     assert training["base"]["weights_sha256"] == json.loads((server.shipped / "brain-lesion-3d.json").read_text())[
         "weights_sha256"]
     assert sorted(x["image"] for x in training["labels"]) == sorted(LABELLED)
