@@ -214,6 +214,34 @@ def test_guard_refuses_a_version_that_forgets_the_original_condition(base):
     assert out.validation()["better"] is False and out.candidate is not None
 
 
+def test_guard_publishes_the_largest_interpolation_that_keeps_the_original_condition(base):
+    """WiSE-FT: the decoder tuned on skull-on labels without rehearsal loses 0.10 on plain heads
+    (measured 0.794 -> 0.695), more than a bound of 0.05. The guard then tries the weights 0.9, 0.8, ...
+    of the way from the base and publishes the first that is better on the labels and keeps the bound
+    (measured: alpha 0.1, plain heads 0.757); the published weights are exactly that interpolation."""
+    _, check = replay_sets_of(base)
+    cfg = replace(WEAK_CFG, lr=1e-3, replay_per_batch=0, max_original_drop=0.05, interpolation_steps=10)
+    out = finetune(base, samples_of(base, "skull", range(100, 112)), cfg, replay_check=check)
+    tries = out.interpolation
+    assert [t["alpha"] for t in tries][:2] == [1.0, 0.9] and tries[0]["better"] and not tries[0]["kept"], tries
+    assert out.better and out.alpha < 1.0 and out.reason.startswith(f"better on the labels at alpha {out.alpha:g}")
+    assert all(not t["kept"] for t in tries[:-1]) and tries[-1]["alpha"] == out.alpha and tries[-1]["kept"]
+    doc = out.original()
+    assert doc["kept"] and doc["drop"] <= cfg.max_original_drop
+    assert doc["after"] == round(tries[-1]["original_after"], 5)
+    assert out.after == pytest.approx(tries[-1]["val_after"], abs=1e-5) and out.after > out.before
+    base_state, tuned = base.net.state_dict(), out.candidate
+    for k, v in out.state.items():
+        want = base_state[k] + out.alpha * (tuned[k] - base_state[k]) if v.is_floating_point() else tuned[k]
+        torch.testing.assert_close(v, want.to(v.dtype), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(out.state["seg_head.1.conv.weight"], tuned["seg_head.1.conv.weight"])
+    net = build_network(base.card).eval()
+    net.load_state_dict(out.state)  # what the guard measured is what is published
+    lesion = [smp for smp in check if smp.m.any()]
+    assert mean_dice(net, lesion) == pytest.approx(doc["after"], abs=1e-4)
+    assert out.validation()["alpha"] == out.alpha and out.validation()["interpolation"] == tries
+
+
 def test_guard_refuses_weights_that_are_worse_on_validation(base):
     """A learning rate of 1 on every part wrecks the network: the run ends not better, with both
     figures, and hands back no weights."""

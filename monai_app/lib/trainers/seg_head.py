@@ -57,7 +57,8 @@ SETTING_KEYS: dict[str, type] = {"parts": str, "lr": float, "batch_size": int, "
                                  "split": str, "val_fraction": float, "folds": int, "min_improvement": float,
                                  "seed": int, "max_steps": int, "replay_per_batch": int, "replay_weight": float,
                                  "l2sp_weight": float, "replay_distill_weight": float, "max_original_drop": float,
-                                 "replay_studies": int, "replay_check_studies": int, "replay_seed": int}
+                                 "interpolation_steps": int, "replay_studies": int, "replay_check_studies": int,
+                                 "replay_seed": int}
 REPLAY_DIR = "replay"
 # The original condition: the historic generator's defaults (MNI152 anatomy, skull-stripped T1).
 REPLAY_CONDITION = "generated, mni152, skull off, t1 (xai_core.data.brain defaults)"
@@ -325,7 +326,8 @@ class SegHeadFinetuneTask(TrainTask):
         name = display_name(card.name, card.version)
         doc.update(state="published", stage="done", version=card.version, display_name=name, activated=activate,
                    message=f"published {name}: validation Dice {outcome.after:.4f} vs {outcome.before:.4f} for "
-                           f"{base['display_name']}{kept}")
+                           f"{base['display_name']}{kept}"
+                           + ("" if outcome.alpha == 1.0 else f"; {outcome.reason}"))
         self._status(doc)
         log.info(doc["message"])
         return {"outcome": "published", "before": outcome.before, "after": outcome.after, "version": card.version,
