@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 5, 10, 20])
     ap.add_argument("--strategies", nargs="+", default=["least_sure", "random"], choices=["least_sure", "random"])
     ap.add_argument("--repeats", type=int, default=2, help="random draws per budget")
+    ap.add_argument("--repeat-from", type=int, default=0,
+                    help="first random draw (draws repeat-from .. repeats-1: split draws across processes)")
     ap.add_argument("--settings", default="{}", help="JSON of FinetuneSettings fields over the defaults")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
@@ -162,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     scores = summary.get("pool_scores", {})
     ranked = sorted(range(len(pool)), key=lambda i: (-scores.get(pool[i].key, {}).get("score", 0.0), pool[i].key))
     done = {key_of(r) for r in summary["rows"]}
-    plan = [(s, rep) for s in args.strategies for rep in range(args.repeats if s == "random" else 1)]
+    draws = range(args.repeat_from, args.repeats)
+    plan = [(s, rep) for s in args.strategies for rep in (draws if s == "random" else [0])]
     for budget in args.budgets:  # budget-major: every strategy has its 5-label row before any 20-label row
         for strategy, rep in plan:
             rec = {"strategy": strategy, "repeat": rep, "labels": budget}
@@ -177,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 out = finetune(model, picked, replace(cfg, seed=rep), replay=replay, replay_check=check)
                 rec.update(picked=[s.key for s in picked], published=out.better, reason=out.reason,
                            val_before=round(out.before, 4), val_after=round(out.after, 4), scheme=out.scheme,
-                           final_epochs=out.final_epochs, check=out.original(), seconds=round(time.time() - t, 1))
+                           final_epochs=out.final_epochs, check=out.original(), alpha=out.alpha,
+                           interpolation=out.interpolation, seconds=round(time.time() - t, 1))
                 state, candidate = out.state, out.candidate
             rec["heldout_dice"] = round(base["heldout"] if state is None else lesion_dice(model, state, held), 4)
             rec["original_dice"] = round(base["original"] if state is None else lesion_dice(model, state, orig), 4)
@@ -204,16 +208,20 @@ def table(rows: list[dict], summary: dict) -> str:
     held, orig = mean_by(rows, "heldout_dice"), mean_by(rows, "original_dice")
     cand_h, cand_o = mean_by(rows, "candidate_heldout_dice"), mean_by(rows, "candidate_original_dice")
     pub: dict[tuple[str, int], list[bool]] = {}
+    alphas: dict[tuple[str, int], list[str]] = {}
     for r in rows:
         pub.setdefault((r["strategy"], r["labels"]), []).append(bool(r["published"]))
+        if r["published"] and r.get("alpha") is not None:
+            alphas.setdefault((r["strategy"], r["labels"]), []).append(f"{r['alpha']:g}")
     weak = summary.get("condition", "skull-on T1")
     lines = [f"| strategy | labels | runs | published | Dice, held-out {weak} | Dice, original condition "
-             f"| judged weights: {weak} / original |", "|---|---|---|---|---|---|---|"]
+             f"| judged weights: {weak} / original | alpha published |", "|---|---|---|---|---|---|---|---|"]
     for (strategy, labels), (v, n) in sorted(held.items(), key=lambda t: (t[0][1], t[0][0])):
         c = (f"{cand_h[(strategy, labels)][0]:.3f} / {cand_o[(strategy, labels)][0]:.3f}"
              if (strategy, labels) in cand_h else "-")
+        a = ", ".join(alphas.get((strategy, labels), [])) or "-"
         lines.append(f"| {strategy} | {labels} | {n} | {sum(pub[(strategy, labels)])}/{n} | {v:.3f} | "
-                     f"{orig[(strategy, labels)][0]:.3f} | {c} |")
+                     f"{orig[(strategy, labels)][0]:.3f} | {c} | {a} |")
     return "\n".join(lines)
 
 
