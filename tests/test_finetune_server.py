@@ -170,12 +170,13 @@ def test_finetune_publishes_a_better_version_and_the_guard_refuses_a_worse_one(s
     assert state["version"] == "0.0.1+ft1"
     # The guard's second condition, in the status and the card: the original condition was kept.
     original = v["original_condition"]
-    assert original["n_studies"] == 32 and original["n_replay"] == 16
+    n_check = ft.FinetuneSettings().replay_check_studies
+    assert original["n_studies"] == n_check and original["n_replay"] == 16
     assert original["kept"] and original["drop"] <= 0.1 and original["max_drop"] == 0.1, original
     assert original["before"] > 0.5 and original["after"] > 0.5, original
     card = json.loads((server.user_weights / "versions" / "brain-lesion-3d" / "0.0.1+ft1.json").read_text())
     training = card["training"]
-    assert card["metrics"]["original_condition"] == original and training["replay"]["n_check"] == 32
+    assert card["metrics"]["original_condition"] == original and training["replay"]["n_check"] == n_check
     assert training["base"]["weights_sha256"] == json.loads((server.shipped / "brain-lesion-3d.json").read_text())[
         "weights_sha256"]
     assert sorted(x["image"] for x in training["labels"]) == sorted(LABELLED)
