@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat-from", type=int, default=0,
                     help="first random draw (draws repeat-from .. repeats-1: split draws across processes)")
     ap.add_argument("--settings", default="{}", help="JSON of FinetuneSettings fields over the defaults")
+    ap.add_argument("--seed", type=int, default=0, help="fine-tune seed of draw 0 (draw k: seed + k)")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if budget >= 2:
                 picked = [pool[i] for i in order[:budget]]
                 t = time.time()
-                out = finetune(model, picked, replace(cfg, seed=rep), replay=replay, replay_check=check)
+                out = finetune(model, picked, replace(cfg, seed=args.seed + rep), replay=replay, replay_check=check)
                 rec.update(picked=[s.key for s in picked], published=out.better, reason=out.reason,
                            val_before=round(out.before, 4), val_after=round(out.after, 4), scheme=out.scheme,
                            final_epochs=out.final_epochs, check=out.original(), alpha=out.alpha,
