@@ -554,6 +554,12 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
     check_lesion = [smp for smp in replay_check if smp.m.any()] or list(replay_check)
     check_before = _mean(dice_per_sample(model.net, check_lesion, model.device)) if replay_check else None
 
+    def validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float) -> float:
+        """Pooled validation Dice of each run's weights, interpolated by ``alpha``, on that run's own
+        validation labels (one run for a hold-out, one per fold for k-fold)."""
+        return pooled_dice([c for r, val in runs for c in (r.after if alpha == 1.0 else overlaps(
+            net_of(interpolate(base_state, r.state, alpha)), val, model.device))])
+
     def judge(outcome: FinetuneOutcome, after_at: Callable[[float], float],
               state_at: Callable[[float], dict[str, torch.Tensor]]) -> FinetuneOutcome:
         """Both conditions of publishing, for each ``alpha`` of ``cfg.alphas`` in turn: better on the
@@ -608,11 +614,9 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         r = fit(model, [samples[i] for i in tr], val, cfg,
                 progress=reporter("train", 0.0, 1.0), should_stop=should_stop, replay=replay)
         before, after = pooled_dice(r.before), pooled_dice(r.after)
-        out = FinetuneOutcome(after > before + cfg.min_improvement, before, after, "holdout", n, len(va), None,
+        out = FinetuneOutcome(False, before, after, "holdout", n, len(va), None,
                               r.curve, [], r.best_epoch, 0.0, [samples[i].key for i in va], candidate=r.state)
-        return judge(out, lambda a: after if a == 1.0 else pooled_dice(
-            overlaps(net_of(interpolate(base_state, r.state, a)), val, model.device)),
-            lambda a: interpolate(base_state, r.state, a))
+        return judge(out, lambda a: validation_at([(r, val)], a), lambda a: interpolate(base_state, r.state, a))
 
     folds = split_kfold(n, cfg, positive)
     k = len(folds)
@@ -634,13 +638,8 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
     before = pooled_dice(per_before)
     final_epochs = max(1, round(statistics.median(best_epochs)))
 
-    def after_at(alpha: float) -> float:
-        # Each fold's weights, interpolated, on that fold's labels: the estimate for unseen labels.
-        return pooled_dice([c for r, val in runs for c in (r.after if alpha == 1.0 else overlaps(
-            net_of(interpolate(base_state, r.state, alpha)), val, model.device))])
-
-    out = FinetuneOutcome(False, before, after_at(1.0), f"{k}-fold", n, n, None, curve, fold_info, final_epochs,
-                          0.0, [s.key for s in samples])
+    out = FinetuneOutcome(False, before, validation_at(runs, 1.0), f"{k}-fold", n, n, None, curve, fold_info,
+                          final_epochs, 0.0, [s.key for s in samples])
 
     def state_at(alpha: float) -> dict[str, torch.Tensor]:
         if out.candidate is None:
@@ -651,4 +650,4 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
                                 should_stop=should_stop, replay=replay).state
         return interpolate(base_state, out.candidate, alpha)
 
-    return judge(out, after_at, state_at)
+    return judge(out, lambda a: validation_at(runs, a), state_at)
