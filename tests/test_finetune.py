@@ -25,6 +25,7 @@ from lib.trainers.finetune import (  # noqa: E402
     FinetuneSettings,
     dice_per_sample,
     finetune,
+    fit,
     overlaps,
     pooled_dice,
     split_holdout,
@@ -295,6 +296,30 @@ def test_splits_hold_out_a_lesion_label_whenever_two_exist():
         split_holdout(4, FinetuneSettings(), [True, False])
 
 
+def test_validation_keeps_an_epoch_of_the_annealed_half_only(base):
+    """Epochs of the run's first half (``select_from`` 0.5, the high end of the one-cycle rate) are
+    validated and shown but never kept, and patience counts from the first selectable epoch; a run that
+    ends before one (a stop request) keeps the best epoch it has."""
+    labels = samples_of(base, "skull", range(100, 112))
+    train, val = labels[:9], labels[9:]
+    cfg = FinetuneSettings(parts="head", lr=3e-3, max_epochs=8, patience=1, min_steps_per_epoch=1)
+    r = fit(base, train, val, cfg)
+    epochs = [c for c in r.curve if c["epoch"] > 0]
+    assert [c["selectable"] for c in epochs[:4]] == [False] * 4 and all(c["selectable"] for c in epochs[4:])
+    assert len(epochs) >= 6  # epoch 5 is the first selectable one, and patience 1 allows one more
+    selectable = [c for c in epochs if c["selectable"]]
+    best = max(selectable, key=lambda c: (c["val_dice"], -c["epoch"]))
+    assert r.best_epoch == best["epoch"] and pooled_dice(r.after) == pytest.approx(best["val_dice"], abs=1e-5)
+    net = build_network(base.card).eval()
+    net.load_state_dict(r.state)
+    assert pooled_dice(overlaps(net, val, torch.device("cpu"))) == pytest.approx(best["val_dice"], abs=1e-5)
+    anywhere = fit(base, train, val, replace(cfg, select_from=0.0))
+    assert all(c["selectable"] for c in anywhere.curve[1:])
+    stopped = fit(base, train, val, cfg, should_stop=lambda: True)
+    assert stopped.best_epoch == 1 and len(stopped.curve) == 2 and not stopped.curve[1]["selectable"]
+    assert not all(torch.equal(v, base.net.state_dict()[k]) for k, v in stopped.state.items())
+
+
 def test_validation_dice_is_pooled_over_the_labels(base):
     """A lesion-free label with a few false voxels costs those voxels, not a whole study's Dice."""
     assert pooled_dice([(90, 100, 100), (0, 10, 0)]) == pytest.approx(180 / 210)
@@ -335,7 +360,7 @@ def test_last_stages_hold_class_logits_near_the_base(base):
 
 def test_bad_settings_are_refused():
     for bad in (dict(parts="encoder"), dict(split="loo"), dict(lr=0), dict(batch_size=0), dict(folds=1),
-                dict(val_fraction=1.0), dict(lr=float("nan"))):
+                dict(val_fraction=1.0), dict(lr=float("nan")), dict(select_from=1.0)):
         with pytest.raises(ValueError):
             FinetuneSettings(**bad)
 
