@@ -23,6 +23,8 @@ from urllib.parse import quote, urlsplit
 
 import requests
 
+from .schema import get
+
 __all__ = [
     "AuthenticationError",
     "InferResult",
@@ -557,7 +559,7 @@ class XAIClient:
         Files are named after the artifact (``saliency.nii.gz`` ...), so that two results never mix
         as long as each gets its own folder.
         """
-        artifacts = result.get("artifacts") or {}
+        artifacts = get(result, "artifacts", {})
         if not isinstance(artifacts, Mapping):
             raise ProtocolError("result 'artifacts' is not an object")
         wanted = set(names) if names is not None else set(artifacts)

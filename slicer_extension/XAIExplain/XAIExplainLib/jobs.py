@@ -26,6 +26,7 @@ from .client import (
     XAIClientError,
     file_suffix,
 )
+from .schema import get
 
 __all__ = ["BackgroundCall", "ExplanationRun", "RunState", "upload_image"]
 
@@ -196,8 +197,8 @@ class ExplanationRun:
         """The scene's files; ``findings`` and ``report`` too when the reply lists them as artifacts
         but does not carry them (their JSON and Markdown are then put into ``result``)."""
         files = {k: Path(v) for k, v in (result.pop("_files", None) or {}).items()}
-        artifacts = result.get("artifacts") or {}
-        inline = [n for n in TEXT_ARTIFACTS if result.get(n) is None and n in artifacts]
+        artifacts = get(result, "artifacts", {})
+        inline = [n for n in TEXT_ARTIFACTS if n in artifacts and get(result, n) is None]
         names = [n for n in self.artifacts if n in artifacts] + inline
         if names:
             files.update(self.client.download_artifacts(result, self.out_dir, names))
