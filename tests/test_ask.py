@@ -187,6 +187,28 @@ def test_the_overlay_is_drawn_only_when_asked_and_drawn_later_is_the_same_pictur
     assert not list(folder.glob(".overlay.*"))  # no temporary file left behind
     assert ask_mod.draw_overlay(tmp_path / "not_a_vqa_result") is None
 
+    # A damaged source or answer is a ValueError naming the file, never a picture of garbage.
+    import shutil
+
+    import numpy as np
+
+    good = (folder / ask_mod.OVERLAY_SOURCE).read_bytes()
+    damaged = {ask_mod.OVERLAY_SOURCE: [good[: len(good) // 2], b"not an archive"], "answer.json": [b"{"]}
+    for name, contents in damaged.items():
+        for content in contents:
+            broken = tmp_path / "broken"
+            shutil.rmtree(broken, ignore_errors=True)
+            shutil.copytree(folder, broken)
+            (broken / "overlay.png").unlink()
+            (broken / name).write_bytes(content)
+            with pytest.raises(ValueError, match=f"{name} is damaged"):
+                ask_mod.draw_overlay(broken)
+            assert not (broken / "overlay.png").exists()
+    np.savez(broken / ask_mod.OVERLAY_SOURCE, slice_image=np.zeros((4, 4)))  # no window
+    (broken / "answer.json").write_bytes((folder / "answer.json").read_bytes())
+    with pytest.raises(ValueError, match="is damaged"):
+        ask_mod.draw_overlay(broken)
+
 
 def test_explainer_defaults_come_from_the_settings_passed_in(oblique, model, monkeypatch):
     from xai_core.ask import ask

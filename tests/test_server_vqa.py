@@ -225,3 +225,17 @@ def test_a_vqa_job_runs_off_the_event_loop(server, vqa_weights):
     job_s = state["finished_at"] - state["started_at"]
     # Had /info/ waited for the model worker, it would have taken the rest of the job's time.
     assert info_s < 0.25 * job_s, (info_s, job_s)
+
+
+def test_a_damaged_overlay_source_is_a_404_naming_it_and_the_server_keeps_serving(server, vqa_weights):
+    r = server.post("/infer/vqa", params={"image": "case", "output": "json"},
+                    json={"question": QUESTION, "method": "none"})
+    assert r.status_code == 200
+    result = r.json()
+    folder = server.datastore / ".xai" / "results" / result["result_id"]
+    (folder / "overlay_source.npz").write_bytes(b"PK\x03\x04 truncated")
+    got = server.get(result["artifacts"]["overlay"])
+    assert got.status_code == 404 and "overlay_source.npz is damaged" in got.json()["detail"], got.text
+    assert not (folder / "overlay.png").exists()
+    assert server.get(result["artifacts"]["answer"]).status_code == 200  # the rest of the result is intact
+    assert server.get("/info/").status_code == 200

@@ -31,6 +31,7 @@ import math
 import os
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -373,16 +374,27 @@ def draw_overlay(folder: str | Path) -> Path | None:
     """Draw ``overlay.png`` in ``folder`` from its ``answer.json`` and :data:`OVERLAY_SOURCE` (written
     by :func:`write_answer` and :func:`write_overlay_source`): the same picture :func:`ask` renders.
     Returns its path; None when the folder lacks either file (another kind of result, or one pruned
-    meanwhile)."""
+    meanwhile). Raises ValueError naming the file when one is damaged (truncated, not an archive,
+    missing arrays, an answer that is not the schema's)."""
     folder = Path(folder)
     try:
         with np.load(folder / OVERLAY_SOURCE) as z:
             slice_image = z["slice_image"]
             slice_map = z["slice_map"] if "slice_map" in z.files else None
             lo, hi = (float(v) for v in z["window"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{OVERLAY_SOURCE} is damaged ({type(e).__name__})") from e
+    try:
         answer = VQAAnswer.model_validate_json((folder / "answer.json").read_text())
     except FileNotFoundError:
         return None
+    except (OSError, ValueError) as e:  # pydantic's ValidationError is a ValueError
+        raise ValueError(f"answer.json is damaged ({type(e).__name__})") from e
+    if slice_image.ndim != 2 or (slice_map is not None and slice_map.shape != slice_image.shape):
+        raise ValueError(f"{OVERLAY_SOURCE} is damaged (slice arrays of shapes {slice_image.shape}, "
+                         f"{None if slice_map is None else slice_map.shape})")
     png = overlay_png(AskResult(answer=answer, saliency=None, slice_image=slice_image, slice_map=slice_map,
                                 window=(lo, hi)))
     path = folder / "overlay.png"

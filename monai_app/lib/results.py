@@ -12,6 +12,7 @@ result keeps their source, its URL is listed with the others, and the first down
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ RESULT_ID = re.compile(r"^[0-9a-f]{32}$")
 FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}\.(nii\.gz|json|md|dcm|png)$")
 URL_PREFIX = "/xai/results"
 
+log = logging.getLogger("xai.results")
+
 
 def artifact_name(file_name: str) -> str:
     """``saliency.nii.gz`` -> ``saliency``, ``mask.seg.dcm`` -> ``mask_seg``, ``saliency.pm.dcm`` -> ``saliency_pm``."""
@@ -41,11 +44,17 @@ class Drawn:
     Attributes:
         source: the file in the result folder it is drawn from; a result without it has no such artifact.
         draw: ``draw(folder)`` writes the artifact into the folder and returns its path (None when the
-            folder cannot draw it).
+            folder cannot draw it); raises ValueError when the source is damaged.
     """
 
     source: str
     draw: Callable[[Path], Path | None]
+
+
+class Undrawable(LookupError):
+    """A drawn artifact whose source the result keeps but cannot be drawn from (a damaged file). A
+    LookupError: the web layer catches it by that name, since the app's modules load as ``lib.*``
+    under MONAI Label and as ``monai_app.lib.*`` in tests (two classes of one name)."""
 
 
 class ResultStore:
@@ -77,7 +86,8 @@ class ResultStore:
     def draw(self, result_id: str, name: str) -> Path | None:
         """The drawn artifact ``name`` of result ``result_id`` (:class:`Drawn`), drawn now unless it
         already is; None when the ids are malformed, the artifact is not drawn, or the result lacks its
-        source (pruned, or another kind of result)."""
+        source (pruned, or another kind of result). Raises :class:`Undrawable` when the source is damaged:
+        the result stays as it is (a cache entry; a new request makes a new one)."""
         spec = self.drawn.get(name)
         if spec is None or not RESULT_ID.match(result_id):
             return None
@@ -91,6 +101,9 @@ class ResultStore:
                 return spec.draw(folder)
             except FileNotFoundError:  # pruned while it was drawn
                 return None
+            except ValueError as e:
+                log.warning("result %s: %s cannot be drawn: %s", result_id, name, e)
+                raise Undrawable(f"{name} of result {result_id!r} cannot be drawn: {e}") from e
 
     def urls(self, result_id: str) -> dict[str, str]:
         """``{artifact name: URL}`` for every file of the result (name = file name without suffix),

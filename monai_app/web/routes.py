@@ -188,7 +188,10 @@ async def cancel_job(job_id: str):
 async def get_result_file(result_id: str, name: str):
     results = _app().xai.results
     # A drawn artifact (a vqa overlay) is drawn on its first download, off the event loop.
-    path = results.path(result_id, name) or await run_in_threadpool(results.draw, result_id, name)
+    try:
+        path = results.path(result_id, name) or await run_in_threadpool(results.draw, result_id, name)
+    except LookupError as e:  # lib.results.Undrawable: a damaged source, nothing the client did
+        raise ApiError(404, str(e)) from e
     if path is None:
         raise ApiError(404, f"no artifact {name!r} for result {result_id!r} (results are pruned when old)")
     return FileResponse(path, media_type=_media_type(name), filename=f"{result_id[:8]}_{name}")
