@@ -220,3 +220,21 @@ def test_cli_evaluate_vqa_bad_input_is_one_line_exit_2(tiny_setup, tmp_path, cap
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("xai evaluate: error:") and "\n" not in err
+
+
+def test_evaluation_quadrature_comes_from_the_settings(tiny_setup, tmp_path, monkeypatch, capsys):
+    """Both methods run at IG's path steps and RE-LIG's noisy samples of the process's Settings (env
+    ``XAI_VQA_*``), unless ``--param`` says otherwise."""
+    from xai_core.settings import Settings
+    from xai_core.vqa_faithfulness import evaluation_params
+
+    assert evaluation_params() == {"n_steps": 32, "n_samples": 8}
+    assert evaluation_params(Settings(vqa_ig_n_steps=6, vqa_relig_n_samples=3)) == {"n_steps": 6, "n_samples": 3}
+    monkeypatch.setenv("XAI_VQA_IG_N_STEPS", "3")
+    monkeypatch.setenv("XAI_VQA_RELIG_N_SAMPLES", "2")
+    out = tmp_path / "out"
+    rc = main(["evaluate", "--task", "vqa", "--methods", "relig", "ig", "--data", str(tiny_setup / "slake"),
+               "--weights-dir", str(tiny_setup / "weights"), "--cases", "2", "--aopc-steps", "2",
+               "--aopc-fraction", "1", "--param", "n_samples=1", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "summary.json").read_text())["params"] == {"n_steps": 3, "n_samples": 1}

@@ -230,7 +230,7 @@ def _evaluate_vqa(a: argparse.Namespace) -> int:
     model = load(a.model or "brain-vqa", weights_dir=Path(a.weights_dir) if a.weights_dir else None,
                  settings=settings)
     res = evaluate_vqa(model, a.data, a.methods or ["relig", "ig"], split=a.split, cases=a.cases, settings=aopc,
-                       params=_method_params(a.param), seed=a.seed, progress=_progress("cases"),
+                       params=_method_params(a.param), config=settings, seed=a.seed, progress=_progress("cases"),
                        accuracy_progress=_progress("questions"))
     command = "xai " + " ".join(shlex.quote(v) for v in sys.argv[1:]) if a.command_line is None else a.command_line
     paths = write_vqa_results(res, a.out or "runs/evaluate_vqa", command=command)

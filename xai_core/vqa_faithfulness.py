@@ -55,8 +55,8 @@ import numpy as np
 import torch
 
 __all__ = ["AOPCSettings", "PAPER", "aopc", "aopc_from_curve", "aopc_statistics", "bootstrap_mean_ci",
-           "bootstrap_ratio_ci", "compare", "deletion_batch", "deletion_counts", "evaluate_vqa", "patch_scores",
-           "summary_table", "wilcoxon_p", "write_vqa_results"]
+           "bootstrap_ratio_ci", "compare", "deletion_batch", "deletion_counts", "evaluate_vqa", "evaluation_params",
+           "patch_scores", "summary_table", "wilcoxon_p", "write_vqa_results"]
 
 # The paper's figures (RE-LIG for Med-VQA): what our run is set beside. Its one CI, [0.262, 0.375],
 # brackets RE-LIG's mean AOPC (0.318), not the ratio 1.29, so it is shown on that row.
@@ -306,14 +306,22 @@ def _method_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k in taken}
 
 
-# What both path methods run at by default here: the same quadrature for both, so that RE-LIG's gain
-# is the layer and the noise, not more integration points.
-DEFAULT_PARAMS: dict[str, Any] = {"n_steps": 32, "n_samples": 8}
+def evaluation_params(config: Any | None = None) -> dict[str, Any]:
+    """What both path methods run at by default here, from ``config`` (:class:`xai_core.settings.Settings`;
+    the defaults when None): IG's path steps (``vqa_ig_n_steps``, 32) for both, so that RE-LIG's gain is
+    the layer and the noise, not more integration points, and RE-LIG's noisy samples
+    (``vqa_relig_n_samples``, 8)."""
+    if config is None:
+        from .settings import Settings
+
+        config = Settings()
+    return {"n_steps": config.vqa_ig_n_steps, "n_samples": config.vqa_relig_n_samples}
 
 
 def evaluate_vqa(model: Any, data_dir: str | Path, methods: Sequence[str] = ("relig", "ig"), *,
                  split: str = "test", cases: int = 200, settings: AOPCSettings | None = None,
-                 params: dict[str, Any] | None = None, seed: int = 0, random_control: bool = True,
+                 params: dict[str, Any] | None = None, config: Any | None = None, seed: int = 0,
+                 random_control: bool = True,
                  progress: Callable[[int, int], None] | None = None,
                  accuracy_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Accuracy on a split and AOPC of each method on ``cases`` of its questions.
@@ -327,7 +335,8 @@ def evaluate_vqa(model: Any, data_dir: str | Path, methods: Sequence[str] = ("re
             (``seed``), all when the split is smaller.
         settings: AOPC settings; ``settings.rank`` is the primary ranking, the other is computed too.
         params: explainer parameters, given to each method that takes them (default
-            :data:`DEFAULT_PARAMS`, updated by these).
+            :func:`evaluation_params` of ``config``, updated by these).
+        config: the process's :class:`xai_core.settings.Settings` (the defaults when None).
         seed: case sample, random-control orders (``seed`` and the case's position) and bootstrap.
         random_control: also a random deletion order per case.
 
@@ -344,7 +353,7 @@ def evaluate_vqa(model: Any, data_dir: str | Path, methods: Sequence[str] = ("re
         raise ValueError(f"model {model.name!r} is not a vqa model (kind {getattr(model, 'kind', None)!r})")
     s = settings or AOPCSettings()
     other = "absolute" if s.rank == "signed" else "signed"
-    p = {**DEFAULT_PARAMS, **(params or {})}
+    p = {**evaluation_params(config), **(params or {})}
     records = read_split(data_dir, split)
     if not records:
         raise ValueError(f"{data_dir}: the {split} split has no English questions")
