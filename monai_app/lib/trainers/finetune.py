@@ -44,6 +44,7 @@ new weights alike; a label with no lesion scores 1 when the prediction is empty 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import statistics
 import time
@@ -576,7 +577,10 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
     # their false voxels "gained" while its lesion Dice on 30 held-out studies of the same condition
     # fell by 0.055; pooled Dice weighs the large lesions and let a 0.057 fall pass.
     check_lesion = [smp for smp in replay_check if smp.m.any()] or list(replay_check)
-    check_before = _mean(dice_per_sample(model.net, check_lesion, model.device)) if replay_check else None
+    # Scored when an alpha is first better on the labels: a run that ends "not better" skips it (~10 s).
+    @functools.cache
+    def check_before() -> float:
+        return _mean(dice_per_sample(model.net, check_lesion, model.device))
 
     def validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float) -> float:
         """Pooled validation Dice of each run's weights, interpolated by ``alpha``, on that run's own
@@ -602,7 +606,7 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
             state = state_at(alpha)
             if replay_check:
                 rec["original_after"] = _mean(dice_per_sample(net_of(state), check_lesion, model.device))
-                rec["kept"] = check_before - rec["original_after"] <= cfg.max_original_drop + 1e-9
+                rec["kept"] = check_before() - rec["original_after"] <= cfg.max_original_drop + 1e-9
                 if not rec["kept"]:
                     continue
             chosen = rec
@@ -613,7 +617,7 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         outcome.alpha = shown["alpha"]
         outcome.after = shown["val_after"]
         if replay_check and "original_after" in shown:
-            outcome.original_before, outcome.original_after = check_before, shown["original_after"]
+            outcome.original_before, outcome.original_after = check_before(), shown["original_after"]
             outcome.n_original, outcome.n_original_lesion = len(replay_check), len(check_lesion)
             outcome.max_original_drop = cfg.max_original_drop
         outcome.interpolation = [{k: round(v, 5) if isinstance(v, float) else v for k, v in t.items()}
