@@ -14,7 +14,9 @@ all from the project's generator (``xai data make-brain``; nothing downloaded):
 * ``--replay``: studies of the original condition for rehearsal and for the guard's check: the first
   ``--replay-n`` are rehearsed in every mini-batch, the next ``--check-n`` are the guard's held-out
   check (``data/val``, seed 2000, the same generator and condition as the trainer's own replay set;
-  the server generates its own, ``lib.trainers.seg_head.replay_sets``).
+  the server generates its own, ``lib.trainers.seg_head.replay_sets``). ``--check DIR`` takes the
+  check from another folder, after its first ``--check-skip`` studies (a larger rehearsal set, e.g.
+  ``data/al/replay_orig64``, with the same check as before: ``--check data/val --check-skip 16``).
 
 For each strategy and label budget it fine-tunes the shipped model on that many pool studies exactly
 as ``POST /train/seg_head_finetune`` does (``lib.trainers.finetune.finetune`` with rehearsal and the
@@ -103,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replay", type=Path, default=DATA / "val")
     ap.add_argument("--replay-n", type=int, default=16)
     ap.add_argument("--check-n", type=int, default=8)
+    ap.add_argument("--check", type=Path, default=None, help="check-set folder (default: --replay, after --replay-n)")
+    ap.add_argument("--check-skip", type=int, default=None,
+                    help="studies of --check skipped (default: --replay-n when --check is --replay, else 0)")
     ap.add_argument("--condition", default="skull-on T1", help="name of the weak condition (table, plot)")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "al")
     ap.add_argument("--budgets", type=int, nargs="+", default=[0, 5, 10, 20])
@@ -131,14 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     pool = samples(model, args.pool, args.pool_n)
     held, orig = samples(model, args.heldout, args.heldout_n), samples(model, args.original, args.original_n)
     replay = samples(model, args.replay, args.replay_n) if cfg.replay_per_batch else []
-    check = samples(model, args.replay, args.check_n, skip=args.replay_n)
+    check_dir = args.check or args.replay
+    skip = args.check_skip if args.check_skip is not None else (args.replay_n if check_dir == args.replay else 0)
+    check = samples(model, check_dir, args.check_n, skip=skip)
     print(f"read {len(pool)} pool, {len(held)} + {len(orig)} held-out, {len(replay)} replay, {len(check)} check "
           f"studies ({time.time() - t:.0f} s)", flush=True)
 
     if summary and (summary.get("settings") != cfg.as_dict() or summary.get("pool_n") != len(pool)):
         raise SystemExit(f"{out_json} holds rows of other settings or another pool: move it away")
+    data = {k: str(getattr(args, k)) for k in ("pool", "heldout", "original", "replay")}
     summary.update(model=f"{model.card.name}@{model.card.version}", condition=args.condition, settings=cfg.as_dict(),
-                   pool_n=len(pool), data={k: str(getattr(args, k)) for k in ("pool", "heldout", "original", "replay")},
+                   pool_n=len(pool), data={**data, "check": f"{check_dir} after {skip}"},
                    n={"pool": len(pool), "heldout_lesion": sum(bool(s.m.any()) for s in held),
                       "original_lesion": sum(bool(s.m.any()) for s in orig), "replay": len(replay),
                       "check": len(check)},

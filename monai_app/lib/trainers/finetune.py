@@ -121,9 +121,10 @@ class FinetuneSettings:
     patience: int = 8
     # 0.5: the one-cycle rate peaks at 10 % of the run and is back to half its peak at 55 %. On
     # skull-off T2 (10 labels, 3 validating) a fine-tune with every epoch selectable kept epoch 7 of 50,
-    # just past the peak: its validation Dice was noise (0.013 -> 0.029) and the weights lost 0.24 Dice
-    # on held-out studies of the original condition, so only alpha 0.2 of them passed the guard (+0.028
-    # on held-out T2). The same labels with another seed had kept epoch 27 (-0.04; alpha 0.7, +0.124).
+    # just past the peak, on noise (validation 0.013 -> 0.029); the guard published alpha 0.2 of it
+    # (+0.028 on held-out T2). With 0.5 the same run kept epoch 30 and alpha 0.3 (+0.046): that run
+    # forgets at every epoch (0.24-0.27 on the original condition), so the rule is about not choosing
+    # unsettled weights by noise, and did not cure the forgetting (docs/benchmarks.md, session 9).
     select_from: float = 0.5
     min_steps_per_epoch: int = 4
     weight_decay: float = 1e-4
