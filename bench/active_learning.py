@@ -16,7 +16,9 @@ all from the project's generator (``xai data make-brain``; nothing downloaded):
   check (``data/val``, seed 2000, the same generator and condition as the trainer's own replay set;
   the server generates its own, ``lib.trainers.seg_head.replay_sets``). ``--check DIR`` takes the
   check from another folder, after its first ``--check-skip`` studies (a larger rehearsal set, e.g.
-  ``data/al/replay_orig64``, with the same check as before: ``--check data/val --check-skip 16``).
+  ``data/al/replay_orig64``, ``xai data make-brain --n 64 --seed 9300 --out data/al/replay_orig64``, with
+  the same check as before: ``--check data/val --check-skip 16``; the trainer's defaults since session 9
+  rehearse 64).
 
 For each strategy and label budget it fine-tunes the shipped model on that many pool studies exactly
 as ``POST /train/seg_head_finetune`` does (``lib.trainers.finetune.finetune`` with rehearsal and the

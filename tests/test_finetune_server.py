@@ -72,8 +72,8 @@ def server(tmp_path_factory):
 def seed_replay_cache(state_dir: Path) -> None:
     """The trainer's rehearsal cache (``<state dir>/replay/original-s<seed>``), filled with the tiny
     model's original condition (plain heads) as ``xai data make-brain`` would fill it with brains:
-    the studies of ``test_finetune.replay_sets_of`` (16 rehearsed, then the guard's check), the check
-    filled up to the trainer's default size."""
+    plain heads of the default sizes (``replay_studies`` rehearsed, then ``replay_check_studies`` for
+    the guard's check)."""
     from lib.trainers.finetune import FinetuneSettings
     from lib.trainers.seg_head import replay_folder
 
@@ -171,7 +171,7 @@ def test_finetune_publishes_a_better_version_and_the_guard_refuses_a_worse_one(s
     # The guard's second condition, in the status and the card: the original condition was kept.
     original = v["original_condition"]
     n_check = ft.FinetuneSettings().replay_check_studies
-    assert original["n_studies"] == n_check and original["n_replay"] == 16
+    assert original["n_studies"] == n_check and original["n_replay"] == ft.FinetuneSettings().replay_studies
     assert original["kept"] and original["drop"] <= 0.1 and original["max_drop"] == 0.1, original
     assert original["before"] > 0.5 and original["after"] > 0.5, original
     card = json.loads((server.user_weights / "versions" / "brain-lesion-3d" / "0.0.1+ft1.json").read_text())

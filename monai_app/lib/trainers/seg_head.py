@@ -100,8 +100,9 @@ def replay_sets(model: LesionModel, state_dir: Path | str, cfg: FinetuneSettings
             progress(n)
         t = time.time()
         # The generator is deterministic per (seed, index): a larger set starts with the smaller one.
-        make_brain_studies(cfg.replay_studies + cfg.replay_check_studies, cfg.replay_seed, folder, workers=1,
-                           options=BrainOptions())
+        # Two workers at most: a fine-tune shares the machine with the server's model worker.
+        make_brain_studies(cfg.replay_studies + cfg.replay_check_studies, cfg.replay_seed, folder,
+                           workers=min(2, os.cpu_count() or 1), options=BrainOptions())
         log.info("generated %d original-condition studies in %s (%.0f s)", n, folder, time.time() - t)
         have = rows()
     # The check set is the same studies whether or not the run rehearses: the studies after the first
