@@ -320,6 +320,29 @@ def test_validation_keeps_an_epoch_of_the_annealed_half_only(base):
     assert not all(torch.equal(v, base.net.state_dict()[k]) for k, v in stopped.state.items())
 
 
+def test_when_validation_dice_ties_the_probabilities_decide(base, monkeypatch):
+    """A contrast the model is blind to: no weights find a voxel of the validation lesions, so their Dice
+    is 0.0 for the base and the fine-tune alike (simulated: every hard overlap is empty). The pooled Dice
+    of the head's probabilities then decides, and weights that learnt the weak condition are published."""
+    import lib.trainers.finetune as ft
+
+    real = ft.overlaps
+    monkeypatch.setattr(ft, "overlaps", lambda *a, **k: [(0, p, t) for _, p, t in real(*a, **k)])
+    labels = samples_of(base, "skull", range(100, 112))
+    cfg = FinetuneSettings(parts="head", lr=3e-3, max_epochs=6, patience=6, interpolation_steps=2)
+    out = finetune(base, labels, cfg)
+    first = out.interpolation[0]
+    assert out.before == 0.0 and first["val_after"] == 0.0 and first["soft_after"] > first["soft_before"] + 0.01
+    assert out.better and out.alpha == 1.0 and "the probabilities decided" in out.reason, out.reason
+    # The figure is the pooled Dice of the probabilities: the base's, recomputed here.
+    val = [labels[i] for i in split_holdout(len(labels), cfg, [bool(x.m.any()) for x in labels])[1]]
+    assert first["soft_before"] == pytest.approx(pooled_dice(ft.soft_overlaps(base.net, val, torch.device("cpu"))),
+                                                 abs=1e-5)
+    # A tie is not a pass when the probabilities say worse: a run of lr 1 wrecks the head.
+    wrecked = finetune(base, labels, replace(cfg, lr=1.0, max_epochs=2, augment=False))
+    assert not wrecked.better and wrecked.interpolation[0]["soft_after"] <= wrecked.interpolation[0]["soft_before"]
+
+
 def test_validation_dice_is_pooled_over_the_labels(base):
     """A lesion-free label with a few false voxels costs those voxels, not a whole study's Dice."""
     assert pooled_dice([(90, 100, 100), (0, 10, 0)]) == pytest.approx(180 / 210)

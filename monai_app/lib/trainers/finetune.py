@@ -250,7 +250,23 @@ def overlaps(net: torch.nn.Module, samples: Sequence[Sample], device: torch.devi
     return out
 
 
-def pooled_dice(counts: Sequence[tuple[int, int, int]]) -> float:
+@torch.no_grad()
+def soft_overlaps(net: torch.nn.Module, samples: Sequence[Sample], device: torch.device,
+                  batch: int = 4) -> list[tuple[float, float, float]]:
+    """``(sum p t, sum p, sum t)`` of each sample, ``p`` the head's lesion probability (softmax) and ``t``
+    the label (model grid): the counts of :func:`pooled_dice` with probabilities for votes."""
+    net.eval()
+    out = []
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        prob = torch.softmax(net(torch.stack([s.x for s in chunk]).to(device)).seg_logits.float(), 1)[:, 1].cpu()
+        for p, s in zip(prob, chunk, strict=True):
+            t = s.m.float()
+            out.append((float((p * t).sum()), float(p.sum()), float(t.sum())))
+    return out
+
+
+def pooled_dice(counts: Sequence[tuple[float, float, float]]) -> float:
     """Dice of the validation labels taken together, ``2 sum|P and T| / sum(|P| + |T|)`` (1.0 when
     nothing is predicted or labelled). The mean of per-study Dice scores a lesion-free label 1 or 0 on
     a single false voxel: with the 1-3 validation labels a fine-tune has, that step dominates the
@@ -593,11 +609,23 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         return pooled_dice([c for r, val in runs for c in (r.after if alpha == 1.0 else overlaps(
             net_of(interpolate(base_state, r.state, alpha)), val, model.device))])
 
+    def soft_validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float) -> float:
+        """As :func:`validation_at` with the head's probabilities (:func:`soft_overlaps`); alpha 0: the base."""
+        return pooled_dice([c for r, val in runs for c in soft_overlaps(
+            net_of(interpolate(base_state, r.state, alpha)) if alpha else model.net, val, model.device)])
+
     def judge(outcome: FinetuneOutcome, after_at: Callable[[float], float],
-              state_at: Callable[[float], dict[str, torch.Tensor]]) -> FinetuneOutcome:
+              state_at: Callable[[float], dict[str, torch.Tensor]],
+              soft_at: Callable[[float], float]) -> FinetuneOutcome:
         """Both conditions of publishing, for each ``alpha`` of ``cfg.alphas`` in turn: better on the
         labels (``after_at(alpha)``, validation Dice), and (with ``replay_check``) the original condition
-        kept by ``state_at(alpha)``, the weights that would be published. The first that passes is."""
+        kept by ``state_at(alpha)``, the weights that would be published. The first that passes is.
+
+        When the validation Dice ties with the base's (both 0.0 where neither finds a voxel of the
+        validation lesions, as in a contrast the model is blind to), the pooled Dice of the head's
+        probabilities (``soft_at``; alpha 0 is the base) decides instead: on skull-off T2 one run's 3
+        validation labels scored 0.000 for the base and for alpha 0.1-0.7, so nothing could be
+        better, while those weights gained +0.2 at alpha 1 on held-out studies of that contrast."""
         outcome.n_replay = n_replay
         tries: list[dict[str, Any]] = []
         chosen: dict[str, Any] | None = None
@@ -605,6 +633,9 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
             after = after_at(alpha)
             rec: dict[str, Any] = {"alpha": alpha, "val_after": after,
                                    "better": after > outcome.before + cfg.min_improvement}
+            if abs(after - outcome.before) <= 1e-12 and cfg.min_improvement <= 0:
+                rec["soft_before"], rec["soft_after"] = soft_at(0.0), soft_at(alpha)
+                rec["better"] = rec["soft_after"] > rec["soft_before"] + cfg.min_improvement
             tries.append(rec)
             if not rec["better"]:
                 continue
@@ -633,10 +664,14 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
                               else "not better on the labels")
         elif chosen["alpha"] == 1.0:
             outcome.reason = "better on the labels"
+            if "soft_after" in chosen:
+                outcome.reason += " (validation Dice tied with the base's; the probabilities decided)"
         else:
             why = "forget the original condition" if tries[0]["better"] else "are not better on the labels"
             outcome.reason = (f"better on the labels at alpha {chosen['alpha']:g} of the way from the base "
                               f"(the fine-tuned weights {why})")
+            if "soft_after" in chosen:
+                outcome.reason += "; its validation Dice tied with the base's, the probabilities decided"
         outcome.state = state_at(chosen["alpha"]) if chosen else None
         outcome.seconds = round(time.time() - t0, 2)
         return outcome
@@ -649,7 +684,8 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         before, after = pooled_dice(r.before), pooled_dice(r.after)
         out = FinetuneOutcome(False, before, after, "holdout", n, len(va), None,
                               r.curve, [], r.best_epoch, 0.0, [samples[i].key for i in va], candidate=r.state)
-        return judge(out, lambda a: validation_at([(r, val)], a), lambda a: interpolate(base_state, r.state, a))
+        return judge(out, lambda a: validation_at([(r, val)], a), lambda a: interpolate(base_state, r.state, a),
+                     functools.cache(lambda a: soft_validation_at([(r, val)], a)))
 
     folds = split_kfold(n, cfg, positive)
     k = len(folds)
@@ -683,4 +719,5 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
                                 should_stop=should_stop, replay=replay).state
         return interpolate(base_state, out.candidate, alpha)
 
-    return judge(out, lambda a: validation_at(runs, a), state_at)
+    return judge(out, lambda a: validation_at(runs, a), state_at,
+                 functools.cache(lambda a: soft_validation_at(runs, a)))
