@@ -235,34 +235,33 @@ def dice_per_sample(net: torch.nn.Module, samples: Sequence[Sample], device: tor
     return [1.0 if p + t == 0 else 2.0 * i / (p + t) for i, p, t in overlaps(net, samples, device, batch)]
 
 
+@torch.no_grad()
+def _seg_logits(net: torch.nn.Module, samples: Sequence[Sample], device: torch.device, batch: int):
+    """``(seg_logits (2, K, J, I), sample)`` of each sample, ``batch`` volumes per forward, no autograd."""
+    net.eval()
+    for i in range(0, len(samples), batch):
+        chunk = samples[i:i + batch]
+        yield from zip(net(torch.stack([s.x for s in chunk]).to(device)).seg_logits, chunk, strict=True)
+
+
 def overlaps(net: torch.nn.Module, samples: Sequence[Sample], device: torch.device,
              batch: int = 4) -> list[tuple[int, int, int]]:
     """``(|pred and truth|, |pred|, |truth|)`` voxel counts of each sample (argmax of the head, model grid)."""
-    net.eval()
     out = []
-    for i in range(0, len(samples), batch):
-        chunk = samples[i:i + batch]
-        x = torch.stack([s.x for s in chunk]).to(device)
-        seg = net(x).seg_logits.argmax(1).cpu().numpy().astype(bool)
-        for p, s in zip(seg, chunk, strict=True):
-            t = s.m.numpy().astype(bool)
-            out.append((int(np.logical_and(p, t).sum()), int(p.sum()), int(t.sum())))
+    for logits, s in _seg_logits(net, samples, device, batch):
+        p, t = logits.argmax(0).cpu().numpy().astype(bool), s.m.numpy().astype(bool)
+        out.append((int(np.logical_and(p, t).sum()), int(p.sum()), int(t.sum())))
     return out
 
 
-@torch.no_grad()
 def soft_overlaps(net: torch.nn.Module, samples: Sequence[Sample], device: torch.device,
                   batch: int = 4) -> list[tuple[float, float, float]]:
     """``(sum p t, sum p, sum t)`` of each sample, ``p`` the head's lesion probability (softmax) and ``t``
     the label (model grid): the counts of :func:`pooled_dice` with probabilities for votes."""
-    net.eval()
     out = []
-    for i in range(0, len(samples), batch):
-        chunk = samples[i:i + batch]
-        prob = torch.softmax(net(torch.stack([s.x for s in chunk]).to(device)).seg_logits.float(), 1)[:, 1].cpu()
-        for p, s in zip(prob, chunk, strict=True):
-            t = s.m.float()
-            out.append((float((p * t).sum()), float(p.sum()), float(t.sum())))
+    for logits, s in _seg_logits(net, samples, device, batch):
+        p, t = torch.softmax(logits.float(), 0)[1].cpu(), s.m.float()
+        out.append((float((p * t).sum()), float(p.sum()), float(t.sum())))
     return out
 
 
@@ -603,16 +602,16 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
     def check_before() -> float:
         return _mean(dice_per_sample(model.net, check_lesion, model.device))
 
-    def validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float) -> float:
-        """Pooled validation Dice of each run's weights, interpolated by ``alpha``, on that run's own
-        validation labels (one run for a hold-out, one per fold for k-fold)."""
-        return pooled_dice([c for r, val in runs for c in (r.after if alpha == 1.0 else overlaps(
-            net_of(interpolate(base_state, r.state, alpha)), val, model.device))])
-
-    def soft_validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float) -> float:
-        """As :func:`validation_at` with the head's probabilities (:func:`soft_overlaps`); alpha 0: the base."""
-        return pooled_dice([c for r, val in runs for c in soft_overlaps(
-            net_of(interpolate(base_state, r.state, alpha)) if alpha else model.net, val, model.device)])
+    def validation_at(runs: Sequence[tuple[FitResult, Sequence[Sample]]], alpha: float, soft: bool = False) -> float:
+        """Pooled validation Dice of each run's weights, interpolated by ``alpha`` (0: the base), on that
+        run's own validation labels (one run for a hold-out, one per fold for k-fold); ``soft``: of the
+        head's probabilities (:func:`soft_overlaps`)."""
+        def counts(r: FitResult, val: Sequence[Sample]) -> list:
+            if alpha == 1.0 and not soft:
+                return r.after  # scored when fit kept these weights
+            net = model.net if alpha == 0.0 else net_of(interpolate(base_state, r.state, alpha))
+            return (soft_overlaps if soft else overlaps)(net, val, model.device)
+        return pooled_dice([c for r, val in runs for c in counts(r, val)])
 
     def judge(outcome: FinetuneOutcome, after_at: Callable[[float], float],
               state_at: Callable[[float], dict[str, torch.Tensor]],
@@ -685,7 +684,7 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         out = FinetuneOutcome(False, before, after, "holdout", n, len(va), None,
                               r.curve, [], r.best_epoch, 0.0, [samples[i].key for i in va], candidate=r.state)
         return judge(out, lambda a: validation_at([(r, val)], a), lambda a: interpolate(base_state, r.state, a),
-                     functools.cache(lambda a: soft_validation_at([(r, val)], a)))
+                     functools.cache(lambda a: validation_at([(r, val)], a, soft=True)))
 
     folds = split_kfold(n, cfg, positive)
     k = len(folds)
@@ -720,4 +719,4 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         return interpolate(base_state, out.candidate, alpha)
 
     return judge(out, lambda a: validation_at(runs, a), state_at,
-                 functools.cache(lambda a: soft_validation_at(runs, a)))
+                 functools.cache(lambda a: validation_at(runs, a, soft=True)))
