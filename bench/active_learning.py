@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="first random draw (draws repeat-from .. repeats-1: split draws across processes)")
     ap.add_argument("--settings", default="{}", help="JSON of FinetuneSettings fields over the defaults")
     ap.add_argument("--seed", type=int, default=0, help="fine-tune seed of draw 0 (draw k: seed + k)")
+    ap.add_argument("--save-candidates", action="store_true",
+                    help="also write each judged candidate's weights to OUT/candidates/<strategy>_<repeat>_<labels>.pt")
     ap.add_argument("--plot-only", action="store_true")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
                 state, candidate = out.state, out.candidate
             rec["heldout_dice"] = round(base["heldout"] if state is None else lesion_dice(model, state, held), 4)
             rec["original_dice"] = round(base["original"] if state is None else lesion_dice(model, state, orig), 4)
+            if candidate is not None and args.save_candidates:
+                (args.out / "candidates").mkdir(exist_ok=True)
+                torch.save(candidate, args.out / "candidates" / f"{strategy}_{rep}_{budget}.pt")
             if candidate is not None:
                 rec["candidate_heldout_dice"] = round(lesion_dice(model, candidate, held), 4)
                 rec["candidate_original_dice"] = round(lesion_dice(model, candidate, orig), 4)

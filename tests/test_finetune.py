@@ -320,6 +320,44 @@ def test_validation_keeps_an_epoch_of_the_annealed_half_only(base):
     assert not all(torch.equal(v, base.net.state_dict()[k]) for k, v in stopped.state.items())
 
 
+def test_keep_average_publishes_the_mean_of_the_selectable_epochs_weights(base, monkeypatch):
+    """``keep="average"``: the run keeps the mean of the weights after each epoch of its second half
+    (stochastic weight averaging), and its validation figure is that mean's."""
+    import lib.trainers.finetune as ft
+
+    seen: list[dict[str, torch.Tensor]] = []
+    scored = ft.overlaps
+
+    def recording(net, samples, device, batch=4):  # fit scores the base, then every epoch's net
+        seen.append({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return scored(net, samples, device, batch)
+
+    monkeypatch.setattr(ft, "overlaps", recording)
+    labels = samples_of(base, "skull", range(100, 112))
+    train, val = labels[:9], labels[9:]
+    cfg = FinetuneSettings(parts="head", lr=3e-3, max_epochs=8, patience=8, min_steps_per_epoch=1, keep="average")
+    r = fit(base, train, val, cfg)
+    assert r.averaged == (5, 8) and r.best_epoch == 8
+    epochs = seen[1:9]  # after epochs 1..8; seen[0] is the base, seen[9] the average being scored
+    name = next(k for k, v in r.state.items() if v.is_floating_point() and not torch.equal(v, epochs[4][k]))
+    mean = torch.stack([e[name] for e in epochs[4:]]).mean(0)
+    assert torch.allclose(r.state[name], mean, atol=1e-6)
+    assert not torch.allclose(r.state[name], epochs[-1][name], atol=1e-6)  # not the last epoch's
+    for k, v in r.state.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, torch.stack([e[k] for e in epochs[4:]]).mean(0), atol=1e-5), k
+    assert all(torch.equal(seen[9][k], v) for k, v in r.state.items())
+    monkeypatch.setattr(ft, "overlaps", scored)
+    net = build_network(base.card).eval()
+    net.load_state_dict(r.state)
+    assert pooled_dice(r.after) == pytest.approx(pooled_dice(overlaps(net, val, torch.device("cpu"))), abs=1e-6)
+    # k-fold: each fold stops at epoch 4, so the refit on all 4 labels runs 4 epochs and averages 3-4
+    # (min_improvement -1: judged "better" whatever the figures, so the refit runs).
+    out = finetune(base, labels[:4], replace(cfg, max_epochs=4, kfold_below=10, folds=2, min_improvement=-1.0))
+    assert [f["averaged_epochs"] for f in out.folds] == [[3, 4], [3, 4]] and out.final_epochs == 4
+    assert out.averaged == (3, 4) and out.validation()["averaged_epochs"] == [3, 4]
+
+
 def test_when_validation_dice_ties_the_probabilities_decide(base, monkeypatch):
     """A contrast the model is blind to: no weights find a voxel of the validation lesions, so their Dice
     is 0.0 for the base and the fine-tune alike (simulated: every hard overlap is empty). The pooled Dice
@@ -383,7 +421,7 @@ def test_last_stages_hold_class_logits_near_the_base(base):
 
 def test_bad_settings_are_refused():
     for bad in (dict(parts="encoder"), dict(split="loo"), dict(lr=0), dict(batch_size=0), dict(folds=1),
-                dict(val_fraction=1.0), dict(lr=float("nan")), dict(select_from=1.0)):
+                dict(val_fraction=1.0), dict(lr=float("nan")), dict(select_from=1.0), dict(keep="swa")):
         with pytest.raises(ValueError):
             FinetuneSettings(**bad)
 

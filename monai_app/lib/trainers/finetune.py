@@ -70,6 +70,7 @@ PARTS: dict[str, tuple[str, ...]] = {
     "all": ("",),
 }
 SPLITS = ("auto", "holdout", "kfold")
+KEEPS = ("best", "average")
 
 Progress = Callable[[dict[str, Any]], None]
 
@@ -90,6 +91,9 @@ class FinetuneSettings:
         select_from: share of the epochs (``max_epochs``, or fewer under ``max_steps``) that validation
             may not choose: epoch ``e`` is selectable when ``e > floor(select_from * epochs)``. Its
             validation Dice is still in the curve.
+        keep: which weights a run keeps: ``best`` (the selectable epoch of best validation Dice) or
+            ``average`` (the mean of the weights after every selectable epoch the run reached, stochastic
+            weight averaging, Izmailov et al. 2018; validation then scores that mean).
         split: ``holdout``, ``kfold`` or ``auto`` (k-fold below ``kfold_below`` labels).
         val_fraction: share of the labels held out (hold-out; at least one).
         folds: k of k-fold (at most the number of labels).
@@ -126,6 +130,7 @@ class FinetuneSettings:
     # forgets at every epoch (0.24-0.27 on the original condition), so the rule is about not choosing
     # unsettled weights by noise, and did not cure the forgetting (docs/benchmarks.md, session 9).
     select_from: float = 0.5
+    keep: str = "best"
     min_steps_per_epoch: int = 4
     weight_decay: float = 1e-4
     augment: bool = True
@@ -166,6 +171,8 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.parts not in PARTS:
             raise ValueError(f"parts must be one of {sorted(PARTS)}, not {self.parts!r}")
+        if self.keep not in KEEPS:
+            raise ValueError(f"keep must be one of {KEEPS}, not {self.keep!r}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, not {self.split!r}")
         checks = [(0 < self.lr <= 1 and math.isfinite(self.lr), "lr in (0, 1]"),
@@ -286,6 +293,8 @@ class FitResult:
     after: list[tuple[int, int, int]]  # per validation sample, kept weights
     curve: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
+    # ``keep="average"``: the first and last epoch whose weights were averaged into ``state``.
+    averaged: tuple[int, int] | None = None
 
 
 def interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -352,6 +361,7 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
     best_state, best_epoch, best, best_per = None, 0, -math.inf, before
     early: tuple[dict[str, torch.Tensor], int, list[tuple[int, int, int]]] | None = None
     early_best = -math.inf
+    average = _Average() if cfg.keep == "average" else None
     order: list[int] = []
     replay_order: list[int] = []
     step = 0
@@ -412,6 +422,8 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         diverged = bool(losses) and not math.isfinite(losses[-1])
         if diverged:
             rec["diverged"] = True
+        if average is not None and epoch >= first_selectable and not diverged:
+            average.add(net.state_dict(), epoch)
         if val:
             per = overlaps(net, val, device)
             dice = pooled_dice(per)
@@ -429,12 +441,42 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         stop = bool(val) and epoch - max(best_epoch, first_selectable - 1) >= cfg.patience
         if stop or diverged or step >= total or (should_stop is not None and should_stop()):
             break
+    averaged = None
+    if average is not None and average.epochs:
+        best_state, averaged = average.state(), (average.epochs[0], average.epochs[-1])
+        best_epoch = averaged[1]
+        if val:
+            scored = copy.deepcopy(base).to(device).eval()
+            scored.load_state_dict(best_state)
+            best_per = overlaps(scored, val, device)
     if best_state is None and early is not None:  # ended before a selectable epoch
         best_state, best_epoch, best_per = early
     if best_state is None:  # no validation: the last epoch's weights
         best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         best_epoch = curve[-1]["epoch"] if curve else 0
-    return FitResult(best_state, best_epoch, before, list(best_per) if val else [], curve, step)
+    return FitResult(best_state, best_epoch, before, list(best_per) if val else [], curve, step, averaged)
+
+
+class _Average:
+    """Running mean of state dicts (float tensors; integer buffers are the last one's)."""
+
+    def __init__(self) -> None:
+        self.sum: dict[str, torch.Tensor] = {}
+        self.epochs: list[int] = []
+
+    def add(self, state: dict[str, torch.Tensor], epoch: int) -> None:
+        for k, v in state.items():
+            v = v.detach()
+            if v.is_floating_point():
+                # float64 sums: 25 epochs of float32 weights would lose low bits to rounding.
+                self.sum[k] = self.sum[k] + v.double() if k in self.sum else v.double().clone()
+            else:
+                self.sum[k] = v.clone()
+        self.epochs.append(epoch)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        n = len(self.epochs)
+        return {k: (v / n).float() if v.is_floating_point() else v.clone() for k, v in self.sum.items()}
 
 
 def _seg_term(seg_loss, out, m: torch.Tensor, part: slice, deep_sup: bool, cfg: FinetuneSettings) -> torch.Tensor:
@@ -527,6 +569,8 @@ class FinetuneOutcome:
     # its validation Dice and, when better on the labels, its Dice on the original condition.
     alpha: float = 1.0
     interpolation: list[dict[str, Any]] = field(default_factory=list)
+    # ``keep="average"``: the epochs averaged into the judged weights (first, last), else None.
+    averaged: tuple[int, int] | None = None
     # The weights the guard judged (None when the labels' figure already ruled them out before a
     # k-fold refit); ``state`` is these when published. For benchmarks; never published.
     candidate: dict[str, torch.Tensor] | None = field(default=None, repr=False)
@@ -550,7 +594,9 @@ class FinetuneOutcome:
                 "before": round(self.before, 5), "after": round(self.after, 5),
                 "gain": round(self.after - self.before, 5), "n_labels": self.n_labels,
                 "n_validation": self.n_validation, "images": self.validation_keys, "folds": self.folds,
-                "final_epochs": self.final_epochs, "original_condition": self.original(),
+                "final_epochs": self.final_epochs,
+                "averaged_epochs": list(self.averaged) if self.averaged else None,
+                "original_condition": self.original(),
                 "alpha": self.alpha, "interpolation": self.interpolation,
                 "better": self.better, "reason": self.reason}
 
@@ -682,7 +728,8 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
                 progress=reporter("train", 0.0, 1.0), should_stop=should_stop, replay=replay)
         before, after = pooled_dice(r.before), pooled_dice(r.after)
         out = FinetuneOutcome(False, before, after, "holdout", n, len(va), None,
-                              r.curve, [], r.best_epoch, 0.0, [samples[i].key for i in va], candidate=r.state)
+                              r.curve, [], r.best_epoch, 0.0, [samples[i].key for i in va], candidate=r.state,
+                              averaged=r.averaged)
         return judge(out, lambda a: validation_at([(r, val)], a), lambda a: interpolate(base_state, r.state, a),
                      functools.cache(lambda a: validation_at([(r, val)], a, soft=True)))
 
@@ -701,7 +748,8 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         best_epochs.append(r.best_epoch)
         fold_info.append({"fold": f + 1, "images": [samples[i].key for i in va],
                           "before": round(pooled_dice(r.before), 5), "after": round(pooled_dice(r.after), 5),
-                          "best_epoch": r.best_epoch, "curve": r.curve})
+                          "best_epoch": r.best_epoch, "averaged_epochs": list(r.averaged) if r.averaged else None,
+                          "curve": r.curve})
         curve += [{**c, "fold": f + 1} for c in r.curve]
     before = pooled_dice(per_before)
     final_epochs = max(1, round(statistics.median(best_epochs)))
@@ -713,9 +761,10 @@ def finetune(model: LesionModel, samples: Sequence[Sample], cfg: FinetuneSetting
         if out.candidate is None:
             # The folds estimated how well the procedure does on unseen labels; the weights published
             # are the same procedure on every label, for the epoch count the folds found best.
-            out.candidate = fit(model, samples, [], cfg, epochs=final_epochs,
-                                progress=reporter("refit on all labels", k / (k + 1), 1 / (k + 1)),
-                                should_stop=should_stop, replay=replay).state
+            refit = fit(model, samples, [], cfg, epochs=final_epochs,
+                        progress=reporter("refit on all labels", k / (k + 1), 1 / (k + 1)),
+                        should_stop=should_stop, replay=replay)
+            out.candidate, out.averaged = refit.state, refit.averaged
         return interpolate(base_state, out.candidate, alpha)
 
     return judge(out, lambda a: validation_at(runs, a), state_at,

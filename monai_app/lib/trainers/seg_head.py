@@ -57,7 +57,7 @@ SETTING_KEYS: dict[str, type] = {"parts": str, "lr": float, "batch_size": int, "
                                  "split": str, "val_fraction": float, "folds": int, "min_improvement": float,
                                  "seed": int, "max_steps": int, "replay_per_batch": int, "replay_weight": float,
                                  "l2sp_weight": float, "replay_distill_weight": float, "max_original_drop": float,
-                                 "interpolation_steps": int, "select_from": float, "replay_studies": int,
+                                 "interpolation_steps": int, "select_from": float, "keep": str, "replay_studies": int,
                                  "replay_check_studies": int, "replay_seed": int}
 REPLAY_DIR = "replay"
 # The original condition: the historic generator's defaults (MNI152 anatomy, skull-stripped T1).
