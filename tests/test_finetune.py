@@ -302,7 +302,7 @@ def test_validation_keeps_an_epoch_of_the_annealed_half_only(base):
     ends before one (a stop request) keeps the best epoch it has."""
     labels = samples_of(base, "skull", range(100, 112))
     train, val = labels[:9], labels[9:]
-    cfg = FinetuneSettings(parts="head", lr=3e-3, max_epochs=8, patience=1, min_steps_per_epoch=1)
+    cfg = FinetuneSettings(parts="head", lr=3e-3, max_epochs=8, patience=1, min_steps_per_epoch=1, keep="best")
     r = fit(base, train, val, cfg)
     epochs = [c for c in r.curve if c["epoch"] > 0]
     assert [c["selectable"] for c in epochs[:4]] == [False] * 4 and all(c["selectable"] for c in epochs[4:])

@@ -15,9 +15,10 @@ fixed rate with another loss and no check):
   volumes (a batch of 2-4 would give noisy statistics), the affine parameters still learn;
 * a validation split of the labels: a hold-out set, or k-fold cross-validation when there are few
   (each fold trains on the others and is scored on itself; the published weights are then trained on
-  all labels for the median best epoch count), early stopping on validation Dice with the best
-  epoch's weights kept, among the epochs of the second half of the run (``select_from``): with a
-  handful of validation labels, an epoch of the high-rate first half wins by noise and forgets;
+  all labels for the median best epoch count), early stopping on validation Dice, and the weights
+  kept come from the epochs of the second half of the run (``select_from``; with a handful of
+  validation labels an epoch of the high-rate first half wins by noise and forgets): their mean
+  (``keep="average"``, stochastic weight averaging, the default) or the best epoch's (``best``);
 * rehearsal: labelled studies of the original condition (``replay``; the trainer generates them with
   the project's generator) join every mini-batch, so that labels of one (weak) condition do not make
   the model forget the one it was trained for. Measured on the tiny test model (12 skull-on labels,
@@ -130,7 +131,12 @@ class FinetuneSettings:
     # forgets at every epoch (0.24-0.27 on the original condition), so the rule is about not choosing
     # unsettled weights by noise, and did not cure the forgetting (docs/benchmarks.md, session 9).
     select_from: float = 0.5
-    keep: str = "best"
+    # "average", not "best": on skull-off T2 (10 least_sure labels, whole network, fine-tune seeds 0-3) the
+    # mean of the second half's weights forgot less than the best epoch's (guard check at alpha 1: drop
+    # 0.023-0.050 against 0.028-0.10), so the guard published larger alphas: held-out T2 gain +0.070 to
+    # +0.164, mean +0.126, against +0.044 to +0.142, mean +0.107 (docs/benchmarks.md, session 10). Three
+    # validation labels choose one epoch by noise; the average needs no choice.
+    keep: str = "average"
     min_steps_per_epoch: int = 4
     weight_decay: float = 1e-4
     augment: bool = True
@@ -314,11 +320,13 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         should_stop: Callable[[], bool] | None = None, replay: Sequence[Sample] = ()) -> FitResult:
     """Train a copy of ``model.net`` on ``train``; ``model`` itself is not changed.
 
-    With ``val``: validation Dice after every epoch, early stopping, the best selectable epoch's
-    weights (past ``cfg.select_from`` of the run; epoch 1 or later: the base weights are never returned
-    as if they were the fine-tune's). When the run ends before a selectable epoch (divergence, a stop
-    request), the best of the epochs it has. Without: exactly ``epochs`` epochs (the refit on all
-    labels after k-fold).
+    With ``val``: validation Dice after every epoch and early stopping. The weights kept are those of
+    the selectable epochs (past ``cfg.select_from`` of the run): the best one's (``keep="best"``) or
+    their mean up to where the run stopped (``"average"``; ``best_epoch`` is then the last epoch, the
+    count a k-fold refit repeats). Epoch 1 or later: the base weights are never returned as if they
+    were the fine-tune's. When the run ends before a selectable epoch (divergence, a stop request),
+    the best of the epochs it has. Without ``val``: exactly ``epochs`` epochs (the refit on all labels
+    after k-fold), the last epoch's weights or the mean of the selectable ones.
 
     ``replay``: studies of the original condition; ``cfg.replay_per_batch`` of them join every
     mini-batch (rehearsal), scored with the same loss times ``cfg.replay_weight`` and, with
