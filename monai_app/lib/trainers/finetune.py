@@ -133,7 +133,7 @@ class FinetuneSettings:
     select_from: float = 0.5
     # "average", not "best": on skull-off T2 (10 least_sure labels, whole network, fine-tune seeds 0-3) the
     # mean of the second half's weights forgot less than the best epoch's (guard check at alpha 1: drop
-    # 0.023-0.050 against 0.028-0.10), so the guard published larger alphas: held-out T2 gain +0.070 to
+    # 0.022-0.050 against 0.028-0.10), so the guard published larger alphas: held-out T2 gain +0.070 to
     # +0.164, mean +0.126, against +0.044 to +0.142, mean +0.107 (docs/benchmarks.md, session 10). Three
     # validation labels choose one epoch by noise; the average needs no choice.
     keep: str = "average"
