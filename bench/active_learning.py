@@ -254,10 +254,10 @@ def plot(rows: list[dict], path: Path, summary: dict) -> None:
         means = mean_by(rows, key)
         for strategy in sorted({s for s, _ in means}):
             pts = sorted((n, v[0]) for (s, n), v in means.items() if s == strategy)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=strategy)
-            for r in rows:  # every run, faint
-                if r["strategy"] == strategy and strategy == "random":
-                    ax.scatter([r["labels"]], [r[key]], s=8, alpha=0.35, color="tab:orange")
+            (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{strategy} (mean)")
+            runs = [(r["labels"], r[key]) for r in rows if r["strategy"] == strategy and r.get(key) is not None]
+            # Every run, faint: random draws and fine-tune seeds spread more than the means differ.
+            ax.scatter([x for x, _ in runs], [y for _, y in runs], s=10, alpha=0.4, color=line.get_color())
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:  # a scale of Dice, not of the spread: a change of 0.001 must not look like a fall
             ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))

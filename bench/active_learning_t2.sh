@@ -1,10 +1,12 @@
 #!/bin/bash
 # Issue 18's scenario benchmark on skull-off T2 (docs/benchmarks.md, "Learning from corrected labels"),
-# as run in session 9. Every figure there comes from one of these commands; each fine-tune takes 14-20 min
-# of one core. Usage: bench/active_learning_t2.sh data|seeds|table [OUT] (OUT: runs/al_t2 by default).
+# as run in session 10 (the defaults: 64 rehearsal studies, averaged weights, the tie rule). Every figure
+# there comes from one of these commands; each fine-tune takes 13-20 min of one core.
+# Usage: bench/active_learning_t2.sh data|seeds|table|merge [OUT] (OUT: runs/al_t2 by default).
 #   data   generates the studies it reads (deterministic seeds; skipped where a folder exists)
 #   seeds  least_sure with 10 labels, fine-tune seeds 0-3 (two processes at a time)
-#   table  least_sure at 5, 10 and 20 labels and random draws at 5, 10 and 20, for the strategy comparison
+#   table  least_sure at 5 and 20 labels, random draws 0 and 1 at 5, 10 and 20 (draw k: fine-tune seed k)
+#   merge  one results.json and plot (OUT/all) of every run above
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -19,6 +21,15 @@ COMMON=(--pool data/al/pool_off_t2 --heldout data/r16/held/off_t2 --original dat
 gen() {  # folder, then make-brain options
   local out=$1; shift
   [ -f "$out/manifest.csv" ] || xai data make-brain --workers 2 --out "$out" "$@"
+}
+
+jobs_of() {  # STRATEGY LABELS DRAW ..., one after another; each run in its own folder
+  while [ $# -ge 3 ]; do
+    local name=$1_$2_r$3
+    python bench/active_learning.py "${COMMON[@]}" --strategies "$1" --budgets "$2" --repeats $(($3 + 1)) \
+      --repeat-from "$3" --seed 0 --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+    shift 3
+  done
 }
 
 case ${1:-} in
@@ -39,14 +50,25 @@ case ${1:-} in
     done
     ;;
   table)
-    python bench/active_learning.py "${COMMON[@]}" --strategies least_sure --budgets 0 5 10 20 \
-      --out "$OUT/least_sure" > "$OUT/least_sure.log" 2>&1 &
-    python bench/active_learning.py "${COMMON[@]}" --strategies random --repeats 3 --budgets 5 10 20 \
-      --out "$OUT/random" > "$OUT/random.log" 2>&1 &
+    jobs_of random 10 0 least_sure 5 0 random 5 0 least_sure 20 0 &
+    jobs_of random 10 1 random 20 0 random 20 1 random 5 1 &
     wait
     ;;
+  merge)
+    python - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+docs = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json")) if p.parent.name != "all"]
+# Rows of one strategy and label count (least_sure's four seeds) are averaged by the table and the plot.
+merged = {**docs[0], "rows": [r for d in docs for r in d["rows"]]}
+(out / "all").mkdir(exist_ok=True)
+(out / "all" / "results.json").write_text(json.dumps(merged, indent=1))
+PY
+    python bench/active_learning.py "${COMMON[@]}" --plot-only --out "$OUT/all"
+    ;;
   *)
-    echo "usage: $0 data|seeds|table [OUT]" >&2
+    echo "usage: $0 data|seeds|table|merge [OUT]" >&2
     exit 2
     ;;
 esac
