@@ -62,6 +62,10 @@ out = Path(sys.argv[1])
 docs = [json.loads(p.read_text()) for p in sorted(out.glob("*/results.json")) if p.parent.name != "all"]
 # Rows of one strategy and label count (least_sure's four seeds) are averaged by the table and the plot.
 merged = {**docs[0], "rows": [r for d in docs for r in d["rows"]]}
+base = docs[0]["base"]  # the 0-label point of every strategy: the shipped weights
+for strategy in sorted({r["strategy"] for r in merged["rows"]} - {r["strategy"] for r in merged["rows"] if r["labels"] == 0}):
+    merged["rows"].append({"strategy": strategy, "repeat": 0, "labels": 0, "published": False, "reason": "no labels",
+                           "heldout_dice": round(base["heldout"], 4), "original_dice": round(base["original"], 4)})
 (out / "all").mkdir(exist_ok=True)
 (out / "all" / "results.json").write_text(json.dumps(merged, indent=1))
 PY
