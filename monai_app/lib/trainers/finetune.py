@@ -57,6 +57,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
+from torch.optim.swa_utils import AveragedModel
 
 from xai_core.io import Image
 from xai_core.models import LesionModel
@@ -369,7 +370,10 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
     best_state, best_epoch, best, best_per = None, 0, -math.inf, before
     early: tuple[dict[str, torch.Tensor], int, list[tuple[int, int, int]]] | None = None
     early_best = -math.inf
-    average = _Average() if cfg.keep == "average" else None
+    # Stochastic weight averaging (torch's): a running mean of the parameters; the buffers follow the last
+    # epoch's (batch-norm statistics do not move here: the network stays in eval mode).
+    average = AveragedModel(net) if cfg.keep == "average" else None
+    averaged_epochs: list[int] = []
     order: list[int] = []
     replay_order: list[int] = []
     step = 0
@@ -431,7 +435,8 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         if diverged:
             rec["diverged"] = True
         if average is not None and epoch >= first_selectable and not diverged:
-            average.add(net.state_dict(), epoch)
+            average.update_parameters(net)
+            averaged_epochs.append(epoch)
         if val:
             per = overlaps(net, val, device)
             dice = pooled_dice(per)
@@ -450,13 +455,12 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         if stop or diverged or step >= total or (should_stop is not None and should_stop()):
             break
     averaged = None
-    if average is not None and average.epochs:
-        best_state, averaged = average.state(), (average.epochs[0], average.epochs[-1])
+    if average is not None and averaged_epochs:
+        best_state = {k: v.detach().clone() for k, v in average.module.state_dict().items()}
+        averaged = (averaged_epochs[0], averaged_epochs[-1])
         best_epoch = averaged[1]
         if val:
-            scored = copy.deepcopy(base).to(device).eval()
-            scored.load_state_dict(best_state)
-            best_per = overlaps(scored, val, device)
+            best_per = overlaps(average.module, val, device)
     if best_state is None and early is not None:  # ended before a selectable epoch
         best_state, best_epoch, best_per = early
     if best_state is None:  # no validation: the last epoch's weights
@@ -464,27 +468,6 @@ def fit(model: LesionModel, train: Sequence[Sample], val: Sequence[Sample], cfg:
         best_epoch = curve[-1]["epoch"] if curve else 0
     return FitResult(best_state, best_epoch, before, list(best_per) if val else [], curve, step, averaged)
 
-
-class _Average:
-    """Running mean of state dicts (float tensors; integer buffers are the last one's)."""
-
-    def __init__(self) -> None:
-        self.sum: dict[str, torch.Tensor] = {}
-        self.epochs: list[int] = []
-
-    def add(self, state: dict[str, torch.Tensor], epoch: int) -> None:
-        for k, v in state.items():
-            v = v.detach()
-            if v.is_floating_point():
-                # float64 sums: 25 epochs of float32 weights would lose low bits to rounding.
-                self.sum[k] = self.sum[k] + v.double() if k in self.sum else v.double().clone()
-            else:
-                self.sum[k] = v.clone()
-        self.epochs.append(epoch)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        n = len(self.epochs)
-        return {k: (v / n).float() if v.is_floating_point() else v.clone() for k, v in self.sum.items()}
 
 
 def _seg_term(seg_loss, out, m: torch.Tensor, part: slice, deep_sup: bool, cfg: FinetuneSettings) -> torch.Tensor:
